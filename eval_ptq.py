@@ -1,0 +1,284 @@
+"""Evaluate a trained checkpoint: FP metric, outlier metrics, and W8A8 post-training quantization (Table 2).
+
+    python eval_ptq.py runs/bert-gated                       # FP ppl, max inf-norm, kurtosis, W8A8 (3 seeds)
+    python eval_ptq.py runs/bert-gated --bits W8A8 W8A6 W6A8 --analysis
+    python eval_ptq.py runs/opt-gated --weight-estimator mse --act-estimator percentile --act-percentile 99.999
+
+PTQ follows section 5 and appendix C.4: symmetric weights, asymmetric activations with static ranges, every
+weight and every activation quantized except the final linear layer; activation ranges from a running min-max
+(momentum 0.9) over 16 calibration batches drawn at random from the training split; repeated with 3 seeds
+(different calibration batches), reported as mean +- std. The FP model is never modified (quant.py works on a
+copy).
+
+Outputs: a table on stdout, `<run>/ptq.json` (every number) and `<run>/ptq.md` (one markdown row per
+checkpoint, the columns of the paper's Table 2). The headline outlier metrics follow the authors' evaluation
+code: `max_inf_norm` is the largest, over every recorded tensor (each block's attention output, FFN output,
+both residual sums and both LayerNorm outputs), of the per-sample infinity norm averaged over the validation set;
+`avg_kurtosis` is the per-sample kurtosis averaged over the set and then over all those tensors. The per-kind
+values (e.g. `max_inf_norm/ffn_out`) are in the JSON.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import quant as Q
+from train import Task, TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, n_targets, to_device
+
+def parse_bits(s: str):
+    """'W8A8' -> (8, 8)."""
+    s = s.upper()
+    try:
+        w, a = s[1:].split("A")
+        w, a = int(w), int(a)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit widths must look like W8A8, got {s!r}") from None
+    if not (s.startswith("W") and 2 <= w <= 16 and 2 <= a <= 16):
+        raise argparse.ArgumentTypeError(f"bit widths must look like W8A8 with 2..16 bits, got {s!r}")
+    return w, a
+
+
+def headline(metrics: dict) -> dict:
+    """max inf-norm over every recorded kind; kurtosis averaged over every kind (all layers)."""
+    inf = [v for k, v in metrics.items() if k.startswith("max_inf_norm/")]
+    kur = [v for k, v in metrics.items() if k.startswith("kurtosis/")]
+    return {"max_inf_norm": max(inf), "avg_kurtosis": sum(kur) / len(kur)}
+
+
+def calibration_steps(seed: int, n: int, pool: int = 1_000_000):
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randint(0, pool, (n,), generator=g).tolist()
+
+
+def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
+            progress=True):
+    """One PTQ run: quantize a copy, calibrate on `calib_batches` random training batches, evaluate."""
+    qmodel = Q.quantize_model(model, qcfg).to(device)
+    batches = [to_device(task.batch("train", s, calib_batch_size, seed=seed, augment=False), device)
+               for s in calibration_steps(seed, calib_batches)]
+    Q.calibrate(qmodel, tqdm(batches, desc=f"calibrate seed {seed}", leave=False, disable=not progress),
+                lambda m, b: m(**b))
+    return evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+
+
+def metric_name(arch):
+    return "acc" if arch == "vit" else "ppl"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="run folder (holding ckpt.pt) or checkpoint file written by train.py")
+    ap.add_argument("--data", default="", help="data to evaluate on (default: the data the checkpoint was "
+                                               "trained on)")
+    ap.add_argument("--bits", nargs="+", type=parse_bits, default=[(8, 8)],
+                    help="bit widths to run, e.g. W8A8 W8A6 W6A8 W4A8 (default W8A8)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="PTQ seeds (calibration batches)")
+    ap.add_argument("--calib-batches", type=int, default=16, help="calibration batches per seed")
+    ap.add_argument("--calib-batch-size", type=int, default=0, help="calibration batch size (0: eval batch size)")
+    ap.add_argument("--weight-estimator", default="minmax", choices=["minmax", "mse"],
+                    help="weight range: min-max (BERT, ViT) or MSE (OPT)")
+    ap.add_argument("--weight-per-channel", action="store_true", help="per-output-channel weight ranges")
+    ap.add_argument("--act-estimator", default="running_minmax", choices=["running_minmax", "minmax", "percentile"],
+                    help="activation range estimator")
+    ap.add_argument("--act-percentile", type=float, default=99.999, help="percentile for --act-estimator "
+                                                                          "percentile")
+    ap.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: the training run's)")
+    ap.add_argument("--eval-batch-size", type=int, default=0, help="validation batch size (0: the run's)")
+    ap.add_argument("--analysis", action="store_true", help="also the outlier and attention analysis (section 3)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--out", default="", help="where to write ptq.json / ptq.md (default: the run folder)")
+    ap.add_argument("--label", default="", help="row label for the markdown table (default: the attention mode)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _main(args):
+    ck = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(ck)
+    tc = TrainConfig(**ck["train_config"])
+    if args.data:
+        tc.data = args.data
+    run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+    vocab = os.path.join(run_dir, "vocab.txt")
+    if cfg.arch != "vit" and not os.path.exists(vocab):
+        raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    task = Task(cfg, tc, tokenizer_path=vocab if cfg.arch != "vit" else "")
+    model.to(device).eval()
+    eval_bs = args.eval_batch_size or tc.eval_batch_size or min(tc.batch_size, 64)
+    eval_batches = args.eval_batches or tc.eval_batches
+    calib_bs = args.calib_batch_size or eval_bs
+    progress = not args.quiet
+    m = metric_name(cfg.arch)
+
+    t0 = time.perf_counter()
+    fp = evaluate(model, task, eval_bs, eval_batches, device, outliers=True, progress=progress)
+    t_fp = time.perf_counter() - t0
+    fp.update(headline(fp))
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "step": ck.get("step"), "arch": cfg.arch,
+              "attn_mode": cfg.attn_mode, "config": ck["config"], "fp": fp, "ptq": {}, "eval_batches": eval_batches,
+              "eval_batch_size": eval_bs, "calib_batches": args.calib_batches, "seeds": args.seeds}
+    print(f"FP32: {m} {fp['val_' + m]:.3f}   max inf-norm {fp['max_inf_norm']:.1f}   "
+          f"avg kurtosis {fp['avg_kurtosis']:.1f}")
+    t_q = []
+    for wb, ab in args.bits:
+        qcfg = Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,
+                             weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
+                             act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
+                             weight_names=("weight", "fc1_weight"))  # fc1_weight: the MLP gate's first layer
+        vals = []
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            r = run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches, device,
+                        progress)
+            t_q.append(time.perf_counter() - t0)
+            vals.append(r["val_" + m])
+        key = f"W{wb}A{ab}"
+        mean = statistics.fmean(vals)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        result["ptq"][key] = {"values": vals, "mean": mean, "std": std}
+        print(f"{key}: {m} {mean:.3f} +- {std:.3f}  (seeds {args.seeds}: {', '.join(f'{v:.3f}' for v in vals)})")
+    result["time_fp_eval_s"] = t_fp
+    result["time_ptq_run_s"] = statistics.fmean(t_q) if t_q else None
+    if args.analysis:
+        result["analysis"] = analyse(model, task, eval_bs, eval_batches, device)
+        print_analysis(result["analysis"])
+
+    out = args.out or run_dir
+    os.makedirs(out, exist_ok=True)
+    label = args.label or describe(cfg)
+    result["label"] = label
+    tmp = os.path.join(out, "ptq.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(out, "ptq.json"))
+    with open(os.path.join(out, "ptq.md"), "w") as f:
+        f.write(markdown_header(cfg.arch, [k for k in result["ptq"]]) + markdown_row(result) + "\n")
+    return result
+
+
+def describe(cfg) -> str:
+    if cfg.attn_mode == "clipped":
+        if cfg.clip_gamma is not None:
+            return f"clipped softmax (gamma={cfg.clip_gamma:g})"
+        return f"clipped softmax (alpha={cfg.clip_alpha:g}, gamma={-cfg.clip_alpha / cfg.seq_len:.4g})"
+    if cfg.attn_mode == "gated":
+        extra = f", n_hid={cfg.gate_hidden}" if cfg.gate_type == "mlp" else ""
+        return f"gated attention ({cfg.gate_type}{extra}, pi_init={cfg.gate_init:g})"
+    return {"softmax": "vanilla softmax", "softmax1": "softmax1 (off-by-one)"}[cfg.attn_mode]
+
+
+def markdown_header(arch, bit_keys):
+    m = "acc. (%)" if arch == "vit" else "ppl."
+    cols = ["Method", f"FP {m}", "Max inf. norm", "Avg. kurtosis"] + [f"{k} {m}" for k in bit_keys]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+
+
+def markdown_row(r) -> str:
+    m = metric_name(r["arch"])
+    cells = [r["label"], f"{r['fp']['val_' + m]:.2f}", f"{r['fp']['max_inf_norm']:.1f}",
+             f"{r['fp']['avg_kurtosis']:.1f}"]
+    cells += [f"{v['mean']:.2f} ± {v['std']:.2f}" for v in r["ptq"].values()]
+    return "| " + " | ".join(cells) + " |"
+
+
+# ------------------------------------------------------------------------------------------------- analysis
+@torch.no_grad()
+def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5) -> dict:
+    """Section 3's analysis on the validation set.
+
+    Per layer, for the FFN output and the residual sum after the FFN: outlier (> n_std sigma from the tensor's
+    mean) counts per hidden dimension and per token position, the top outlier dimensions, the share of outliers
+    on delimiter / special tokens (language models) or the per-patch outlier map (ViT). Per layer and head: the
+    attention mass on the first token and on delimiter tokens, the fraction of exact zeros among the attention
+    probabilities (clipped softmax), and the mean gate probability (gated attention).
+    """
+    model.eval()
+    tok = task.tokenizer
+    # the paper's delimiter tokens ([SEP], '.', ',') and [CLS]; [MASK] is not one of them
+    delim_ids = set(tok.delimiter_ids) | {tok.cls_id} if tok is not None else set()
+    delim_ids_t = torch.tensor(sorted(delim_ids), dtype=torch.long, device=device)
+    L = model.cfg.n_layers
+    kinds = ("ffn_out", "ffn_residual_sum")
+    acc = {}
+    for b in task.iter_valid(batch_size, max_batches):
+        b = to_device(b, device)
+        rec = {}
+        model(**b, record=rec)
+        valid = b.get("attention_mask")
+        ids = b.get("input_ids")
+        is_delim = torch.isin(ids, delim_ids_t) if ids is not None and len(delim_ids) else None
+        for i in range(L):
+            for kind in kinds:
+                x = rec[f"blocks.{i}.{kind}"]  # (B, T, d)
+                mask = Q.outlier_mask(x, n_std)  # (B, T, d)
+                if valid is not None:
+                    mask &= valid[..., None]
+                a = acc.setdefault(f"blocks.{i}.{kind}", {"dim": 0, "pos": 0, "n": 0, "delim": 0})
+                a["dim"] = a["dim"] + mask.sum((0, 1)).cpu()
+                a["pos"] = a["pos"] + mask.sum((0, 2)).cpu()
+                a["n"] += int(mask.sum())
+                if is_delim is not None:
+                    a["delim"] += int((mask & is_delim[..., None]).sum())
+            p = rec[f"blocks.{i}.attn_probs"]  # (B, H, T, T)
+            h = acc.setdefault(f"blocks.{i}.attn", {"first": 0, "delim": 0, "zeros": 0, "rows": 0, "entries": 0,
+                                                     "gate": 0, "gate_n": 0})
+            rows = valid[:, None, :, None].expand_as(p) if valid is not None else torch.ones_like(p, dtype=torch.bool)
+            h["first"] = h["first"] + (p[..., 0] * rows[..., 0]).sum((0, 2)).cpu()
+            if is_delim is not None:
+                h["delim"] = h["delim"] + (p * is_delim[:, None, None, :]).sum(-1).mul(rows[..., 0]).sum((0, 2)).cpu()
+            h["zeros"] = h["zeros"] + ((p == 0) & rows).sum((0, 2, 3)).cpu()
+            h["entries"] += int(rows[:, 0].sum())
+            h["rows"] += int(rows[:, 0, :, 0].sum())
+            if f"blocks.{i}.gate_probs" in rec:
+                g = rec[f"blocks.{i}.gate_probs"]  # (B, H, T)
+                gm = valid[:, None, :] if valid is not None else torch.ones_like(g, dtype=torch.bool)
+                h["gate"] = h["gate"] + (g * gm).sum((0, 2)).cpu()
+                h["gate_n"] += int(gm[:, 0].sum())
+    out = {"n_std": n_std, "layers": []}
+    for i in range(L):
+        layer = {"layer": i}
+        for kind in kinds:
+            a = acc[f"blocks.{i}.{kind}"]
+            dims = torch.as_tensor(a["dim"])
+            order = torch.argsort(dims, descending=True)[:top]
+            layer[kind] = {"outliers": a["n"],
+                           "top_dims": [[int(d), int(dims[d])] for d in order if dims[d] > 0],
+                           "per_position": torch.as_tensor(a["pos"]).tolist(),
+                           "share_on_delimiters": (a["delim"] / a["n"]) if (a["n"] and delim_ids) else None}
+        h = acc[f"blocks.{i}.attn"]
+        layer["attn_mass_first_token"] = (torch.as_tensor(h["first"]) / h["rows"]).tolist()
+        layer["attn_mass_delimiters"] = (torch.as_tensor(h["delim"]) / h["rows"]).tolist() if delim_ids else None
+        layer["attn_zero_fraction"] = (torch.as_tensor(h["zeros"]) / h["entries"]).tolist()
+        layer["gate_mean"] = (torch.as_tensor(h["gate"]) / h["gate_n"]).tolist() if h["gate_n"] else None
+        out["layers"].append(layer)
+    return out
+
+
+def print_analysis(an):
+    print(f"\nOutlier analysis (> {an['n_std']:g} sigma), per layer:")
+    for layer in an["layers"]:
+        f = layer["ffn_out"]
+        share = f" ({100 * f['share_on_delimiters']:.0f}% on delimiters/specials)" if f["share_on_delimiters"] is not None else ""
+        print(f"  layer {layer['layer']}: ffn_out {f['outliers']} outliers{share}, top dims {f['top_dims']}; "
+              f"attention on first token per head {[round(v, 2) for v in layer['attn_mass_first_token']]}"
+              + (f", on delimiters {[round(v, 2) for v in layer['attn_mass_delimiters']]}"
+                 if layer["attn_mass_delimiters"] else "")
+              + f", zero probs {[round(v, 3) for v in layer['attn_zero_fraction']]}"
+              + (f", mean gate {[round(v, 2) for v in layer['gate_mean']]}" if layer["gate_mean"] else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,856 @@
+"""Simulated post-training quantization (PTQ) and outlier metrics, in pure PyTorch.
+
+Bondarenko, Nagel, Blankevoort, "Quantizable Transformers: Removing Outliers by Helping Attention Heads Do
+Nothing" (NeurIPS 2023):
+
+    Eq. 1      q(x; s, z, b) = s * (clip(round(x / s) + z, 0, 2^b - 1) - z), round half to even
+               -> choose_qparams, quantize, dequantize, fake_quantize (straight-through round)
+    sec. 5,    symmetric weights (current min-max, or MSE for OPT), asymmetric activations with static ranges from
+    app. C.4   a running min-max (momentum 0.9) over 16 calibration batches, or 99.99% / 99.999% percentiles
+               -> CurrentMinMax, RunningMinMax, Percentile, MSE (and AllMinMax) range estimators
+    sec. 5     "W8A8": every weight and activation quantized except the final linear layer
+               -> QuantConfig, quantize_model, calibrate, set_quant_state, quant_summary
+    sec. 3, 5  outliers (|x - mean| > 6 std), max ||x||_inf averaged over the validation set, kurtosis
+               -> kurtosis, inf_norm, outlier_mask, outlier_counts, OutlierStats
+
+The file is laid out like torchao: pure functions first (formula in each docstring), then range estimators
+(small modules whose forward records statistics and returns its input unchanged), then the module swapping that
+builds a quantized COPY of any model following two conventions:
+
+  * every activation to quantize that is not the output of an nn.Linear / nn.Embedding / nn.LayerNorm passes
+    through an `nn.Identity()` "slot" (and nn.Identity is used for nothing else);
+  * every weight to quantize is a Parameter named `weight` (QuantConfig.weight_names) with ndim >= 2 sitting
+    directly on a module.
+
+It imports torch only (never model.py): a forker's model quantizes too, and the FP model never depends on it.
+Not a framework: no integer kernels, no learned ranges; quantization is simulated in float ("fake quant").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "quant_range", "choose_qparams", "quantize", "dequantize", "fake_quantize",
+    "CurrentMinMax", "AllMinMax", "RunningMinMax", "Percentile", "MSE",
+    "ActQuantizer", "WeightQuantizer", "QuantConfig", "quantize_model", "calibrate", "set_quant_state",
+    "quant_summary",
+    "kurtosis", "inf_norm", "outlier_mask", "outlier_counts", "OutlierStats",
+]
+
+EPS = torch.finfo(torch.float32).eps  # floor on every scale: no division by zero on degenerate ranges
+
+
+# ============================================================================================ pure functions
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer grid [qmin, qmax].
+
+    asymmetric: [0, 2^b - 1]                  (the grid of Eq. 1)
+    symmetric:  [-2^(b-1), 2^(b-1) - 1]       (signed grid, z = 0; the same as Eq. 1's unsigned grid with
+                                               z = 2^(b-1), shifted by z)
+    """
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def choose_qparams(x_min, x_max, bits: int, symmetric: bool, eps: float = EPS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale s and zero point z for the range [x_min, x_max] on a b-bit grid.
+
+    Works per tensor (x_min, x_max scalars -> 0-d s, z) and per channel (1-D x_min, x_max -> 1-D s, z).
+
+    symmetric (signed grid [-2^(b-1), 2^(b-1) - 1]):
+        s = max(|x_min|, |x_max|) / (2^(b-1) - 1),   z = 0
+        so +-max|x| map to +-(2^(b-1) - 1); the extra level -2^(b-1) is left unused by the extremes (as in the
+        authors' code and torch's symmetric observers: the grid is symmetric around 0).
+    asymmetric (grid [0, 2^b - 1]); the range is first widened to include 0 so that 0 is exact:
+        x_min <- min(x_min, 0),   x_max <- max(x_max, 0)
+        s = (x_max - x_min) / (2^b - 1),   z = clamp(round(-x_min / s), 0, 2^b - 1)
+    In both cases s >= eps (float32 machine epsilon by default): a constant, all-zero or single-value tensor
+    (x_min == x_max) gives a finite scale, never NaN / inf.
+
+    Returns (scale float32, zero_point int32), the dtypes torch's fake-quant ops take.
+    """
+    x_min = torch.as_tensor(x_min, dtype=torch.float32).detach()
+    x_max = torch.as_tensor(x_max, dtype=torch.float32).detach()
+    if bool((x_min > x_max).any()):
+        raise ValueError(f"choose_qparams: x_min must be <= x_max, got {x_min} > {x_max}")
+    qmin, qmax = quant_range(bits, symmetric)
+    if symmetric:
+        absmax = torch.maximum(x_min.abs(), x_max.abs())
+        scale = (absmax / qmax).clamp_min(eps)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        x_min = x_min.clamp(max=0.0)
+        x_max = x_max.clamp(min=0.0)
+        scale = ((x_max - x_min) / (qmax - qmin)).clamp_min(eps)
+        zero_point = torch.round(-x_min / scale).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def _per_axis(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape a qparam to broadcast against x: per tensor -> 0-d; per channel (C,) -> (1, .., C, .., 1)."""
+    p = torch.as_tensor(p, device=x.device)
+    if axis is None:
+        if p.numel() != 1:
+            raise ValueError(f"per-tensor qparams must have one element, got shape {tuple(p.shape)}")
+        return p.reshape(())
+    axis = axis % x.ndim
+    if p.numel() != x.shape[axis]:
+        raise ValueError(f"per-channel qparams have {p.numel()} elements, x has {x.shape[axis]} on axis {axis}")
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def _quantize_unclamped(x, scale, zero_point, axis):
+    """round(x * (1 / s)) + z before the clip; plus the broadcast s and z. Computed in float32 (float64 for
+    float64 x): half / bfloat16 inputs are upcast so that every grid index up to 2^16 - 1 is exact."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    s = _per_axis(scale, x, axis).to(torch.float32)
+    z = _per_axis(zero_point, x, axis).to(x.dtype)
+    inv_s = 1.0 / s  # float32 reciprocal, exactly as torch's kernels (1.0f / scale)
+    return torch.round(x * inv_s) + z, s, z
+
+
+def quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x_int = clip(round(x * (1 / s)) + z, qmin, qmax): the integer part of Eq. 1.
+
+    Deviation from the literal "x / s" of Eq. 1: x is MULTIPLIED by the float32 reciprocal of s, as torch's
+    `fake_quantize_per_tensor_affine` / `_per_channel_affine` do (`nearbyint(x * (1.0f / scale)) + zp`), so the
+    results are bit-identical to torch's ops; dividing can differ in rare last-bit ties. round() is half to even
+    (torch.round, like nearbyint). The zero point is added after rounding, as in Eq. 1 and in torch.
+
+    axis=None: per tensor (0-d or 1-element scale / zero_point); axis=k: one (s, z) per index of dimension k.
+    Returns integer values as float32 (float64 for float64 x), or cast to `dtype` (e.g. torch.int8 /
+    torch.int32) if given.
+    """
+    q, _, _ = _quantize_unclamped(x, scale, zero_point, axis)
+    q = q.clamp(qmin, qmax)
+    return q if dtype is None else q.to(dtype)
+
+
+def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> torch.Tensor:
+    """x_hat = s * (x_int - z): the outer part of Eq. 1. Returns float32 (float64 for float64 q)."""
+    q = q.to(torch.promote_types(q.dtype, torch.float32)) if q.is_floating_point() else q.to(torch.float32)
+    s = _per_axis(scale, q, axis).to(torch.float32)
+    z = _per_axis(zero_point, q, axis).to(q.dtype)
+    return (q - z) * s
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Eq. 1 forward; straight-through backward with the clip range as mask (like torch's fake-quant ops)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
+        q, s, z = _quantize_unclamped(x, scale, zero_point, axis)
+        mask = (q >= qmin) & (q <= qmax)  # inside the clip range: the gradient passes
+        ctx.save_for_backward(mask)
+        return ((q.clamp(qmin, qmax) - z) * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (mask,) = ctx.saved_tensors
+        return grad_out * mask, None, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None
+                  ) -> torch.Tensor:
+    """Eq. 1 in float: x_hat = s * (clip(round(x * (1 / s)) + z, qmin, qmax) - z) = dequantize(quantize(x)).
+
+    Forward: bit-identical to torch.fake_quantize_per_tensor_affine (axis=None) and
+    torch.fake_quantize_per_channel_affine (axis=k) for float32 x (see `quantize` for the reciprocal).
+    Backward: straight-through estimator: d x_hat / d x = 1 where qmin <= round(x / s) + z <= qmax, else 0;
+    no gradient to s or z (static ranges).
+    One difference from torch, in our favour: torch's per-CHANNEL kernel casts round(x / s) + z to int64 before
+    clamping, so |x / s| > 2^63 (or inf) wraps to qmin; here it clamps to qmax / qmin as the sign says.
+    """
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, axis)
+
+
+# ========================================================================================= range estimators
+
+def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """(..) -> (1, N) per tensor, or (C, N) with the channel axis first."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _batch_min_max(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """min / max of x per tensor (0-d) or per channel along `axis` ((C,)), as float32."""
+    lo, hi = torch.aminmax(_channels_first(x, axis).float(), dim=1)  # (1,) or (C,)
+    if axis is None:
+        return lo[0], hi[0]
+    return lo, hi
+
+
+def _kth_quantile(flat: torch.Tensor, p: float) -> torch.Tensor:
+    """Row-wise p-quantile of flat (C, N) with linear interpolation between order statistics, like
+    torch.quantile / np.percentile, but through kthvalue: no input-size limit (torch.quantile refuses more than
+    2^24 elements)."""
+    n = flat.shape[1]
+    pos = p * (n - 1)
+    i = min(int(math.floor(pos)), n - 1)
+    j = min(i + 1, n - 1)
+    frac = pos - i
+    below = flat.kthvalue(i + 1, dim=1).values  # kthvalue counts from 1
+    if frac == 0.0 or j == i:
+        return below
+    above = flat.kthvalue(j + 1, dim=1).values
+    return torch.lerp(below, above, frac)
+
+
+class _RangeEstimator(nn.Module):
+    """Base class: forward(x) records a range from x and returns x unchanged.
+
+    axis=None: one range per tensor; axis=k: one range per index of dimension k (per channel; axis=0 is the
+    output channel of a weight). Non-float inputs (integer ids, bool masks) and empty tensors are ignored.
+    Ranges are float32 buffers `min_val`, `max_val` (None until data is seen).
+    """
+
+    def __init__(self, axis: int | None = None):
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("min_val", None)
+        self.register_buffer("max_val", None)
+
+    def forward(self, x):
+        if torch.is_tensor(x) and x.is_floating_point() and x.numel() > 0:
+            with torch.no_grad():
+                self._observe(x.detach())
+        return x
+
+    def _observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def has_data(self) -> bool:
+        return self.min_val is not None
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max): 0-d tensors per tensor, (C,) tensors per channel."""
+        if not self.has_data:
+            raise RuntimeError(f"{type(self).__name__} has seen no floating-point data yet")
+        return self.min_val, self.max_val
+
+    def qparams(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) = choose_qparams(*self.range(), bits, symmetric)."""
+        return choose_qparams(*self.range(), bits, symmetric)
+
+    def reset(self) -> None:
+        self.min_val = None
+        self.max_val = None
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+
+class CurrentMinMax(_RangeEstimator):
+    """The min and max of the last tensor seen (weights: the tensor is the weight itself)."""
+
+    def _observe(self, x):
+        self.min_val, self.max_val = _batch_min_max(x, self.axis)
+
+
+class AllMinMax(_RangeEstimator):
+    """The min and max over every tensor seen (activations with QuantConfig.act_estimator = "minmax")."""
+
+    def _observe(self, x):
+        lo, hi = _batch_min_max(x, self.axis)
+        if self.has_data:
+            lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        self.min_val, self.max_val = lo, hi
+
+
+class RunningMinMax(_RangeEstimator):
+    """Exponential moving average of the per-batch min and max (app. C.4: momentum 0.9 over 16 batches).
+
+    The first batch initialises the range; then, as in the authors' code,
+        running = momentum * running + (1 - momentum) * new
+    i.e. the 0.9 weighs the running value and each new batch contributes 10%.
+    """
+
+    def __init__(self, momentum: float = 0.9, axis: int | None = None):
+        super().__init__(axis)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+
+    def _observe(self, x):
+        lo, hi = _batch_min_max(x, self.axis)
+        self._ema(lo, hi)
+
+    def _ema(self, lo, hi):
+        if not self.has_data:
+            self.min_val, self.max_val = lo, hi
+        else:
+            m = self.momentum
+            self.min_val = m * self.min_val + (1 - m) * lo
+            self.max_val = m * self.max_val + (1 - m) * hi
+
+    def extra_repr(self):
+        return f"momentum={self.momentum}, axis={self.axis}"
+
+
+class Percentile(RunningMinMax):
+    """Per-batch percentiles instead of min / max (app. C.4: 99.99% / 99.999% for OPT), averaged over batches
+    with the same EMA as RunningMinMax (running = momentum * running + (1 - momentum) * new), as the authors'
+    running estimator does with its percentile option.
+
+    Both tails the same way: lower bound = the (100 - q)-th percentile, upper bound = the q-th percentile, with
+    linear interpolation between order statistics (= np.percentile / torch.quantile), computed with kthvalue on
+    the whole flattened tensor (no subsampling; torch.quantile's 2^24-element limit does not apply).
+    """
+
+    def __init__(self, q: float = 99.99, momentum: float = 0.9, axis: int | None = None):
+        super().__init__(momentum, axis)
+        if not 50.0 < q <= 100.0:
+            raise ValueError(f"percentile q must be in (50, 100], got {q}")
+        self.q = q
+
+    def _observe(self, x):
+        flat = _channels_first(x, self.axis).float()  # (1 or C, N)
+        lo = _kth_quantile(flat, (100.0 - self.q) / 100.0)
+        hi = _kth_quantile(flat, self.q / 100.0)
+        if self.axis is None:
+            lo, hi = lo[0], hi[0]
+        self._ema(lo, hi)
+
+    def extra_repr(self):
+        return f"q={self.q}, momentum={self.momentum}, axis={self.axis}"
+
+
+class MSE(_RangeEstimator):
+    """The range minimising the squared quantization error ||q(x) - x||^2 (app. C.4: weights of OPT).
+
+    Grid search over shrunk min-max ranges alpha * (x_min, x_max), alpha in {1/n, 2/n, .., 1} (n =
+    num_candidates), for the grid (bits, symmetric) the range will be used with; per channel when axis is set
+    (each channel picks its own alpha). alpha = 1 (plain min-max) is a candidate and wins ties, so the result is
+    never wider than min-max and its error never larger. Each call searches on the tensor given (weights are
+    observed once).
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = True, axis: int | None = None, num_candidates: int = 100):
+        super().__init__(axis)
+        self.bits, self.symmetric, self.num_candidates = bits, symmetric, num_candidates
+
+    def _observe(self, x):
+        x = x.float()
+        lo, hi = _batch_min_max(x, self.axis)
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        best_err, best_lo, best_hi = None, lo, hi
+        for k in range(self.num_candidates, 0, -1):  # alpha = 1 first: ties keep the wider range
+            alpha = k / self.num_candidates
+            s, z = choose_qparams(alpha * lo, alpha * hi, self.bits, self.symmetric)
+            err = (fake_quantize(x, s, z, qmin, qmax, self.axis) - x).pow(2)
+            err = _channels_first(err, self.axis).sum(dim=1)  # (1,) or (C,)
+            if self.axis is None:
+                err = err[0]
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, alpha * lo, best_lo)
+            best_hi = torch.where(better, alpha * hi, best_hi)
+        self.min_val, self.max_val = best_lo, best_hi
+
+    def qparams(self, bits: int, symmetric: bool):
+        if (bits, symmetric) != (self.bits, self.symmetric):
+            raise ValueError(f"this MSE range was searched for bits={self.bits}, symmetric={self.symmetric}; "
+                             f"got bits={bits}, symmetric={symmetric}")
+        return super().qparams(bits, symmetric)
+
+    def extra_repr(self):
+        return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}, candidates={self.num_candidates}"
+
+
+# ================================================================================================ quantizers
+
+class ActQuantizer(nn.Module):
+    """An activation quantizer: a range estimator plus asymmetric per-tensor fake quant (Eq. 1).
+
+    States:
+      observing (after quantize_model / during calibrate): the estimator records x; x passes through in FP
+          (or, with quantize_while_observing, fake-quantized with the range estimated so far, as the
+          authors' QuantizationManager does);
+      frozen (after calibrate): x -> fake_quantize(x, s, z) with the frozen (s, z); `enabled=False` passes x
+          through (set_quant_state(acts=False), e.g. for W8A32).
+    Non-float inputs (token ids, bool masks) always pass through untouched.
+    """
+
+    def __init__(self, observer: _RangeEstimator, bits: int = 8, symmetric: bool = False, name: str = ""):
+        super().__init__()
+        self.observer = observer
+        self.bits, self.symmetric, self.name = bits, symmetric, name
+        self.qmin, self.qmax = quant_range(bits, symmetric)
+        self.observing = True
+        self.quantize_while_observing = False
+        self.enabled = True
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.is_floating_point()):
+            return x
+        if self.observing:
+            self.observer(x)
+            if self.quantize_while_observing and self.enabled and self.observer.has_data:
+                s, z = self.observer.qparams(self.bits, self.symmetric)
+                return fake_quantize(x, s.to(x.device), z.to(x.device), self.qmin, self.qmax)
+            return x
+        if not self.enabled:
+            return x
+        if self.scale is None:
+            raise RuntimeError(f"activation quantizer {self.name!r} saw no data during calibration; "
+                               f"this tensor was not reached by calibrate()'s forward_fn")
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def freeze(self) -> None:
+        """Stop observing; fix (s, z) from the estimator's range (left None if it saw no float data)."""
+        if self.observer.has_data:
+            self.scale, self.zero_point = self.observer.qparams(self.bits, self.symmetric)
+        else:
+            self.scale, self.zero_point = None, None
+        self.observing = False
+
+    def reset(self) -> None:
+        """Forget the range and start observing again."""
+        self.observer.reset()
+        self.scale, self.zero_point = None, None
+        self.observing = True
+
+    def extra_repr(self):
+        state = "observing" if self.observing else ("quantizing" if self.enabled else "off")
+        return f"bits={self.bits}, symmetric={self.symmetric}, {state}"
+
+
+class WeightQuantizer(nn.Module):
+    """A weight quantizer used as a parametrization: module.weight = fake_quantize(original weight).
+
+    Symmetric by default (sec. 5), per tensor or per channel (axis=0, the output channel). Weights are static,
+    so (s, z) and the fake-quantized weight are computed once and cached; the cache is rebuilt (range included)
+    whenever the weight's storage or version counter changes (in-place updates, .to(device), load_state_dict).
+    With autograd on and a weight that requires grad, the STE path is used instead of the cache.
+    `enabled=False` returns the FP weight (set_quant_state(weights=False), e.g. for W32A8).
+    """
+
+    def __init__(self, observer: _RangeEstimator, bits: int = 8, symmetric: bool = True):
+        super().__init__()
+        self.observer = observer
+        self.bits, self.symmetric = bits, symmetric
+        self.qmin, self.qmax = quant_range(bits, symmetric)
+        self.axis = observer.axis
+        self.enabled = True
+        self.scale = self.zero_point = self._cache = self._key = None  # plain attributes: not in state dicts
+
+    def _refresh(self, w: torch.Tensor) -> None:
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if key == self._key:
+            return
+        with torch.no_grad():
+            self.observer.reset()
+            self.observer(w.detach())
+            self.scale, self.zero_point = self.observer.qparams(self.bits, self.symmetric)
+            self._cache = fake_quantize(w.detach(), self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+        self._key = key
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        self._refresh(w)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return fake_quantize(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+        return self._cache
+
+    def extra_repr(self):
+        return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}, enabled={self.enabled}"
+
+
+# ======================================================================================= W8A8 PTQ of a model
+
+WEIGHT_ESTIMATORS = ("minmax", "mse")
+ACT_ESTIMATORS = ("running_minmax", "minmax", "percentile")
+
+
+@dataclass
+class QuantConfig:
+    """What quantize_model quantizes and how. Defaults: the paper's W8A8 (sec. 5, app. C.4).
+
+    weight_bits, act_bits   grid widths, in [2, 16]
+    weight_estimator        "minmax" (current min-max of the weight) | "mse" (grid search, used for OPT)
+    weight_per_channel      one range per output channel (axis 0) instead of per tensor
+    act_estimator           "running_minmax" (EMA, the paper) | "minmax" (min / max over all calibration
+                            batches) | "percentile" (EMA of per-batch percentiles)
+    act_momentum            EMA momentum: running = momentum * running + (1 - momentum) * new
+    act_percentile          q for "percentile": the range is [(100 - q)-th, q-th] percentile
+    skip                    module names (or dotted suffixes) left in FP, weights AND outputs AND everything
+                            below them: the final linear layer (`lm_head` for BERT / OPT, `head` for ViT)
+    skip_outputs            module names (or suffixes) whose OUTPUT is not quantized (their weights still are),
+                            e.g. to quantize an FFN's first linear layer and its GELU as one unit as the
+                            authors' code does, skip the linear's output and keep the `act` slot
+    quantize_outputs_of     module types whose outputs get an activation quantizer
+    weight_names            Parameter names (ndim >= 2, directly on a module) that are quantized as weights
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_estimator: str = "minmax"
+    weight_per_channel: bool = False
+    act_estimator: str = "running_minmax"
+    act_momentum: float = 0.9
+    act_percentile: float = 99.999
+    skip: tuple = ("lm_head", "head")
+    skip_outputs: tuple = ()
+    quantize_outputs_of: tuple = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    weight_names: tuple = ("weight",)
+
+    def __post_init__(self):
+        def bad(name, allowed):
+            raise ValueError(f"QuantConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        for name in ("weight_bits", "act_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 16:
+                bad(name, "an int in [2, 16]")
+        if self.weight_estimator not in WEIGHT_ESTIMATORS:
+            bad("weight_estimator", f"one of {WEIGHT_ESTIMATORS}")
+        if self.act_estimator not in ACT_ESTIMATORS:
+            bad("act_estimator", f"one of {ACT_ESTIMATORS}")
+        if not isinstance(self.weight_per_channel, bool):
+            bad("weight_per_channel", "a bool")
+        if isinstance(self.act_momentum, bool) or not isinstance(self.act_momentum, (int, float)) \
+                or not 0.0 <= self.act_momentum < 1.0:
+            bad("act_momentum", "a float in [0, 1)")
+        if isinstance(self.act_percentile, bool) or not isinstance(self.act_percentile, (int, float)) \
+                or not 50.0 < self.act_percentile <= 100.0:
+            bad("act_percentile", "a float in (50, 100]")
+        for name in ("skip", "skip_outputs", "weight_names"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) and s for s in v):
+                bad(name, "a tuple of non-empty strings")
+        v = self.quantize_outputs_of
+        if not isinstance(v, (tuple, list)) or not all(isinstance(t, type) and issubclass(t, nn.Module)
+                                                         for t in v):
+            bad("quantize_outputs_of", "a tuple of nn.Module subclasses")
+
+
+def _matches(name: str, patterns) -> bool:
+    """name is one of the patterns, or ends with '.' + pattern."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _under(name: str, patterns) -> bool:
+    """The module `name` or one of its ancestors matches a pattern."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+
+
+def _act_quantizer(qcfg: QuantConfig, name: str) -> ActQuantizer:
+    if qcfg.act_estimator == "running_minmax":
+        obs = RunningMinMax(qcfg.act_momentum)
+    elif qcfg.act_estimator == "minmax":
+        obs = AllMinMax()
+    else:
+        obs = Percentile(qcfg.act_percentile, qcfg.act_momentum)
+    return ActQuantizer(obs, qcfg.act_bits, symmetric=False, name=name)
+
+
+def _weight_quantizer(qcfg: QuantConfig) -> WeightQuantizer:
+    axis = 0 if qcfg.weight_per_channel else None
+    if qcfg.weight_estimator == "mse":
+        obs = MSE(qcfg.weight_bits, symmetric=True, axis=axis)
+    else:
+        obs = CurrentMinMax(axis)
+    return WeightQuantizer(obs, qcfg.weight_bits, symmetric=True)
+
+
+def _quantize_output_hook(module, args, output):
+    """Forward hook (registered on the quantized copy only): the module's output -> its output quantizer."""
+    return module.output_quantizer(output)
+
+
+def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Module:
+    """A W{weight_bits}A{act_bits} fake-quantized deep copy of `model`; `model` itself is never touched.
+
+    In the copy, for every module not under `qcfg.skip`:
+      * each nn.Identity slot is replaced by an ActQuantizer (asymmetric, per tensor);
+      * each module of a type in `qcfg.quantize_outputs_of` (nn.Linear / nn.Embedding / nn.LayerNorm) gets a
+        child `output_quantizer` (ActQuantizer) applied to its output by a forward hook, unless the module is
+        under `qcfg.skip_outputs` (hooks and children live in the copy only and go away with it);
+      * each Parameter named in `qcfg.weight_names` (default "weight") with ndim >= 2 gets a symmetric
+        WeightQuantizer parametrization (torch.nn.utils.parametrize): `module.weight` becomes the fake-quantized
+        weight while the Parameter itself is unchanged, so a head TIED to that Parameter (e.g. a skipped
+        `lm_head`) keeps using the FP weight. LayerNorm weights (1-D) and all biases stay FP.
+    The forward pass and the module tree are otherwise unchanged. Activation quantizers start in the
+    observing state: run `calibrate` before evaluating.
+    """
+    qcfg = qcfg if qcfg is not None else QuantConfig()
+    qmodel = copy.deepcopy(model)
+    modules = list(qmodel.named_modules())  # snapshot before any swap
+    for name, module in modules:
+        if not name or _under(name, qcfg.skip):
+            continue
+        if isinstance(module, nn.Identity):
+            parent_name, _, child = name.rpartition(".")
+            setattr(qmodel.get_submodule(parent_name), child, _act_quantizer(qcfg, name))
+            continue
+        for pname in qcfg.weight_names:
+            p = module._parameters.get(pname)
+            if p is not None and p.ndim >= 2:
+                with torch.no_grad():  # the registration's check call fills the cache
+                    parametrize.register_parametrization(module, pname, _weight_quantizer(qcfg))
+        if isinstance(module, tuple(qcfg.quantize_outputs_of)) and not _under(name, qcfg.skip_outputs):
+            module.output_quantizer = _act_quantizer(qcfg, name + ".output_quantizer")
+            module.register_forward_hook(_quantize_output_hook)
+    return qmodel
+
+
+def _act_quantizers(qmodel: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, ActQuantizer)]
+
+
+def _weight_quantizers(qmodel: nn.Module) -> list[tuple[str, WeightQuantizer]]:
+    out = []
+    for name, module in qmodel.named_modules():
+        if parametrize.is_parametrized(module):
+            for pname, plist in module.parametrizations.items():
+                out += [(f"{name}.{pname}" if name else pname, p) for p in plist if isinstance(p, WeightQuantizer)]
+    return out
+
+
+def calibrate(qmodel: nn.Module, batches, forward_fn=None, quantize_while_observing: bool = False) -> nn.Module:
+    """Static range setting (app. C.4): run the calibration batches, then freeze every activation range.
+
+    1. every ActQuantizer forgets its range and observes (a fresh calibration each call);
+    2. qmodel.eval(); under torch.no_grad(), forward_fn(qmodel, batch) for each batch (default: qmodel(batch));
+       activations pass through in FP while observed (with quantize_while_observing=True each is instead
+       fake-quantized with the range estimated so far, as the authors' QuantizationManager does); weights keep
+       their current state (quantized unless set_quant_state turned them off), so ranges are those of the
+       weight-quantized model;
+    3. every ActQuantizer freezes (s, z) from its range and quantizes from then on (if enabled).
+    Quantizers that saw no float data (e.g. a slot only ever given token ids) stay without a range; they are
+    listed under "uncalibrated" by quant_summary and raise if a float tensor reaches them later.
+    Returns qmodel.
+    """
+    forward_fn = forward_fn if forward_fn is not None else (lambda m, b: m(b))
+    acts = _act_quantizers(qmodel)
+    for _, q in acts:
+        q.reset()
+        q.quantize_while_observing = quantize_while_observing
+    qmodel.eval()
+    n = 0
+    with torch.no_grad():
+        for batch in batches:
+            forward_fn(qmodel, batch)
+            n += 1
+    if n == 0:
+        raise ValueError("calibrate() got no batches")
+    for _, q in acts:
+        q.freeze()
+    return qmodel
+
+
+def set_quant_state(qmodel: nn.Module, weights: bool = True, acts: bool = True) -> nn.Module:
+    """Turn weight and / or activation quantization on or off (W8A32: acts=False; W32A8: weights=False)."""
+    for _, q in _weight_quantizers(qmodel):
+        q.enabled = bool(weights)
+    for _, q in _act_quantizers(qmodel):
+        q.enabled = bool(acts)
+    return qmodel
+
+
+def quant_summary(qmodel: nn.Module) -> dict:
+    """What is quantized: counts and names of the activation and weight quantizers.
+
+    {"n_act_quantizers": int, "n_weight_quantizers": int,
+     "act_quantizers": [module path of each ActQuantizer, e.g. "blocks.0.attn.attn_scores",
+                        "blocks.0.ffn.fc1.output_quantizer"],
+     "weight_quantizers": [quantized weight, e.g. "blocks.0.ffn.fc1.weight"],
+     "uncalibrated": [ActQuantizers without a range (never reached by float data during calibrate)]}
+    """
+    acts = _act_quantizers(qmodel)
+    weights = _weight_quantizers(qmodel)
+    return {
+        "n_act_quantizers": len(acts),
+        "n_weight_quantizers": len(weights),
+        "act_quantizers": [n for n, _ in acts],
+        "weight_quantizers": [n for n, _ in weights],
+        "uncalibrated": [n for n, q in acts if q.scale is None],
+    }
+
+
+# =========================================================================================== outlier metrics
+
+def _valid_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) valid-position mask -> (B, T, 1) float64 weights (all ones without a mask)."""
+    if x.ndim != 3:
+        raise ValueError(f"expected a (B, T, d) tensor, got shape {tuple(x.shape)}")
+    if mask is None:
+        return torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float64, device=x.device)
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    return mask.to(device=x.device, dtype=torch.float64)[..., None]
+
+
+def kurtosis(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample (non-excess) kurtosis over the flattened T x d tensor: (B, T, d) -> (B,), float32.
+
+    kurt = mean((x - mu)^4) / mean((x - mu)^2)^2, mu = mean(x), over the sample's valid positions (mask (B, T),
+    True = real token; padding excluded). A Gaussian gives 3. Computed in float64. NaN where undefined: a
+    constant sample (zero variance) or a sample with no valid position.
+    """
+    w = _valid_weights(x, mask)  # (B, T, 1)
+    x = x.detach().double()
+    n = w.sum(dim=(1, 2)) * x.shape[2]  # (B,) valid values per sample
+    mu = (x * w).sum(dim=(1, 2)) / n  # (B,)
+    c = (x - mu[:, None, None]) * w  # (B, T, d), 0 at padding
+    m2 = c.pow(2).sum(dim=(1, 2)) / n
+    m4 = c.pow(4).sum(dim=(1, 2)) / n
+    return (m4 / m2.pow(2)).float()
+
+
+def inf_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample infinity norm ||x||_inf = max |x| over the valid positions: (B, T, d) -> (B,), float32.
+
+    The paper's "max inf-norm" is this, averaged over the validation samples, then the max over layers
+    (OutlierStats does both). A sample with no valid position gives 0.
+    """
+    w = _valid_weights(x, mask)
+    a = torch.where(w > 0, x.detach().abs().float(), torch.zeros((), device=x.device))
+    return a.amax(dim=(1, 2))
+
+
+def outlier_mask(x: torch.Tensor, n_std: float = 6.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Outliers (sec. 3, footnote 1): |x - mean| > n_std * std, mean and std of the WHOLE tensor given.
+
+    x: any shape without a mask; (B, T, d) with a (B, T) mask of valid positions, in which case mean / std are
+    over the valid values only and padding is never an outlier. std is the population std (no Bessel
+    correction). Returns a bool tensor shaped like x.
+    """
+    xd = x.detach().double()
+    if mask is None:
+        mu, sd = xd.mean(), xd.std(correction=0)
+        return (xd - mu).abs() > n_std * sd
+    w = _valid_weights(x, mask)  # (B, T, 1)
+    n = w.sum() * x.shape[2]
+    mu = (xd * w).sum() / n
+    sd = (((xd - mu) * w).pow(2).sum() / n).sqrt()
+    return ((xd - mu).abs() > n_std * sd) & (w > 0)
+
+
+def outlier_counts(x: torch.Tensor, mask: torch.Tensor | None = None, n_std: float = 6.0,
+                   token_ids: torch.Tensor | None = None, num_ids: int | None = None) -> dict:
+    """Where the outliers of a (B, T, d) tensor sit (sec. 3's analysis).
+
+    Returns {"per_dim": (d,) int64 counts per hidden dimension, "per_pos": (T,) int64 counts per token position,
+    "total": int}; with token_ids (B, T) also "per_token": (num_ids,) counts per token id (e.g. to find the
+    delimiter tokens [SEP], '.', ','). Padding positions (mask False) are excluded. per_dim, per_pos and
+    per_token each sum to total.
+    """
+    om = outlier_mask(x, n_std, mask)  # (B, T, d) bool
+    out = {"per_dim": om.sum(dim=(0, 1)), "per_pos": om.sum(dim=(0, 2)), "total": int(om.sum())}
+    if token_ids is not None:
+        per_tok = om.sum(dim=2).flatten()  # (B*T,)
+        n = num_ids if num_ids is not None else int(token_ids.max()) + 1
+        out["per_token"] = torch.bincount(token_ids.flatten().long(), weights=per_tok.double(), minlength=n).long()
+    return out
+
+
+class OutlierStats:
+    """Accumulates outlier metrics over validation batches, per named tensor and per tensor kind.
+
+        stats = OutlierStats()
+        for batch in val:  # record = {"blocks.0.ffn_out": (B, T, d), "blocks.0.attn_out": ..., ...}
+            stats.update(record, mask)  # mask: (B, T) bool, True = real token (optional)
+        s = stats.summary()
+        s["per_kind"]["ffn_out"]["max_inf_norm"]   # the paper's "max inf-norm" for the FFN output
+
+    Per name: the mean over samples of the per-sample inf-norm and kurtosis, outlier counts per hidden dimension
+    and per position (outliers judged per batch, against that batch tensor's mean / std). Per kind (the name's
+    suffix after its last dot: attn_out, ffn_out, ...): the max over layers of the mean inf-norm and the mean
+    over layers of the mean kurtosis. Padding is excluded from everything; samples with no valid position are
+    skipped, and so (for kurtosis only) are constant samples.
+    """
+
+    def __init__(self, n_std: float = 6.0):
+        self.n_std = n_std
+        self._acc: dict[str, dict] = {}
+
+    def update(self, tensors: dict, mask: torch.Tensor | None = None) -> None:
+        for name, x in tensors.items():
+            if x.ndim != 3:
+                continue  # e.g. attention probabilities (B, H, T, T) in the same record: not a hidden state
+            a = self._acc.setdefault(name, {"inf_sum": 0.0, "n_inf": 0, "kurt_sum": 0.0, "n_kurt": 0,
+                                            "per_dim": None, "per_pos": None, "n_outliers": 0, "n_values": 0})
+            w = _valid_weights(x, mask)
+            has_valid = w.sum(dim=(1, 2)) > 0  # (B,)
+            inf = inf_norm(x, mask)[has_valid]
+            k = kurtosis(x, mask)[has_valid]
+            k = k[torch.isfinite(k)]
+            a["inf_sum"] += float(inf.double().sum())
+            a["n_inf"] += int(inf.numel())
+            a["kurt_sum"] += float(k.double().sum())
+            a["n_kurt"] += int(k.numel())
+            if not bool(has_valid.any()):
+                continue
+            c = outlier_counts(x, mask, self.n_std)
+            a["per_dim"] = c["per_dim"].cpu() if a["per_dim"] is None else a["per_dim"] + c["per_dim"].cpu()
+            pos = c["per_pos"].cpu()
+            if a["per_pos"] is None:
+                a["per_pos"] = pos
+            else:  # sequence lengths may differ between batches
+                T = max(a["per_pos"].numel(), pos.numel())
+                a["per_pos"] = _pad_to(a["per_pos"], T) + _pad_to(pos, T)
+            a["n_outliers"] += c["total"]
+            a["n_values"] += int(w.sum()) * x.shape[2]
+
+    def summary(self, top_k: int = 5) -> dict:
+        """{"per_name": {name: {...}}, "per_kind": {kind: {"max_inf_norm", "max_inf_norm_at", "mean_kurtosis",
+        "n_layers"}}}; per name: mean_inf_norm, mean_kurtosis, n_samples, n_outliers, outlier_fraction,
+        outliers_per_dim, outliers_per_pos, top_dims [(dim, count), ...]."""
+        per_name = {}
+        for name, a in self._acc.items():
+            per_dim = a["per_dim"]
+            top = []
+            if per_dim is not None and a["n_outliers"] > 0:
+                cnt, idx = per_dim.topk(min(top_k, per_dim.numel()))
+                top = [(int(i), int(c)) for i, c in zip(idx, cnt) if c > 0]
+            per_name[name] = {
+                "mean_inf_norm": a["inf_sum"] / a["n_inf"] if a["n_inf"] else float("nan"),
+                "mean_kurtosis": a["kurt_sum"] / a["n_kurt"] if a["n_kurt"] else float("nan"),
+                "n_samples": a["n_inf"],
+                "n_outliers": a["n_outliers"],
+                "outlier_fraction": a["n_outliers"] / a["n_values"] if a["n_values"] else 0.0,
+                "outliers_per_dim": per_dim,
+                "outliers_per_pos": a["per_pos"],
+                "top_dims": top,
+            }
+        per_kind: dict[str, dict] = {}
+        for name, v in per_name.items():
+            kind = name.rsplit(".", 1)[-1]
+            d = per_kind.setdefault(kind, {"max_inf_norm": float("-inf"), "max_inf_norm_at": None,
+                                           "_kurts": [], "n_layers": 0})
+            d["n_layers"] += 1
+            if v["mean_inf_norm"] > d["max_inf_norm"]:
+                d["max_inf_norm"], d["max_inf_norm_at"] = v["mean_inf_norm"], name
+            if not math.isnan(v["mean_kurtosis"]):
+                d["_kurts"].append(v["mean_kurtosis"])
+        for d in per_kind.values():
+            kurts = d.pop("_kurts")
+            d["mean_kurtosis"] = sum(kurts) / len(kurts) if kurts else float("nan")
+        return {"per_name": per_name, "per_kind": per_kind}
+
+
+def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(n - t.numel())]) if t.numel() < n else t

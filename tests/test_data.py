@@ -1,0 +1,471 @@
+"""Tests for data.py: tokenizer, text sources and caches, MLM/CLM batches, determinism and rank shards, images.
+
+All fixture data is written to tmp_path; nothing is downloaded. Runs in well under 30 s on a 2-core CPU.
+"""
+
+import os
+import pickle
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data  # noqa: E402
+from data import DataError, WordPieceTokenizer  # noqa: E402
+
+HAND_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "hello", ",", "world", "!",
+              "cat", "##s", ".", "a"]
+
+
+def hand_tokenizer(lowercase=True):
+    return WordPieceTokenizer(HAND_VOCAB, lowercase=lowercase)
+
+
+WORDS = ("the model attends to delimiter tokens and the residual stays small while heads learn to do nothing "
+         "quantization of outliers is hard because ranges grow large").split()
+
+
+def english_like_lines(n, seed=0):
+    """Deterministic sentences with capitals and punctuation."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        words[0] = words[0].capitalize()
+        if len(words) > 6:
+            words[3] += ","
+        lines.append(" ".join(words) + rng.choice([".", ".", "!", "?"]))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("txt") / "corpus.txt"
+    path.write_text("\n".join(english_like_lines(3000)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_data(text_file, tmp_path_factory):
+    return data.load_text_data(str(text_file), vocab_size=64, seq_len=16,
+                               cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_wordpiece_known_ids():
+    tok = hand_tokenizer()
+    assert tok.tokenize("unaffable") == ["un", "##aff", "##able"]
+    assert tok.encode("unaffable") == [5, 6, 7]
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.vocab_size == len(HAND_VOCAB)
+    assert tok.delimiter_ids == (3, 14, 9)  # [SEP], '.', ','
+
+
+def test_lowercase_accents_and_punctuation_split():
+    tok = hand_tokenizer()
+    assert tok.encode("Hello, WORLD!") == [8, 9, 10, 11]
+    assert tok.encode("  héllo\t\nwörld  ") == [8, 10]  # accents stripped, whitespace collapsed
+    assert tok.tokenize("cats.") == ["cat", "##s", "."]
+    assert tok.tokenize("hello,world!!") == ["hello", ",", "world", "!", "!"]
+    cased = hand_tokenizer(lowercase=False)
+    assert cased.encode("Hello hello") == [1, 8]
+
+
+def test_unknown_characters_and_words():
+    tok = hand_tokenizer()
+    assert tok.encode("hello \u2603") == [8, 1]  # unseen character
+    assert tok.encode("unaffablez") == [1]  # a word that cannot be covered is one [UNK]
+    assert tok.encode("a" * 101) == [1]  # longer than max_chars_per_word
+    assert tok.encode("[MASK] hello [SEP]") == [4, 8, 3]  # literal special tokens
+
+
+def test_decode_round_trip():
+    tok = hand_tokenizer()
+    for text in ["Hello, WORLD!", "unaffable cats.", "  cat   , a hello!  ", "a.a,a"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == tok.normalize(text)
+    assert tok.decode(tok.encode("Hello, WORLD!")) == "hello , world !"
+    assert tok.decode([2, 5, 6, 7, 3, 0, 0]) == "unaffable"  # specials dropped, ## glued
+    assert tok.decode([2, 4, 3], skip_special=False) == "[CLS] [MASK] [SEP]"
+    assert tok.decode([1, 12, 13]) == "[UNK] cats"
+
+
+def test_vocab_file_load_save(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(HAND_VOCAB) + "\n", encoding="utf-8")
+    tok = WordPieceTokenizer.load(path)
+    assert tok.lowercase is True  # inferred: no upper-case token
+    assert tok.encode("unaffable") == [5, 6, 7]
+    tok.save(tmp_path / "copy.txt")
+    assert (tmp_path / "copy.txt").read_bytes() == path.read_bytes()
+    assert WordPieceTokenizer.load(tmp_path / "copy.txt").hash() == tok.hash()
+    (tmp_path / "cased.txt").write_text("\n".join(HAND_VOCAB + ["Hello"]) + "\n", encoding="utf-8")
+    assert WordPieceTokenizer.load(tmp_path / "cased.txt").lowercase is False
+    (tmp_path / "bad.txt").write_text("hello\nworld\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"\[PAD\]"):
+        WordPieceTokenizer.load(tmp_path / "bad.txt")
+    with pytest.raises(DataError, match="vocab.txt"):
+        WordPieceTokenizer.load(tmp_path / "missing.txt")
+
+
+def test_build_is_deterministic(tmp_path):
+    lines = english_like_lines(500)
+    a = WordPieceTokenizer.build(lines, vocab_size=60)
+    b = WordPieceTokenizer.build(list(reversed(lines)), vocab_size=60)  # same counts, other order
+    a.save(tmp_path / "a.txt")
+    b.save(tmp_path / "b.txt")
+    assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
+    assert a.vocab[:5] == list(data.SPECIAL_TOKENS)
+    assert a.vocab_size == 60
+    for line in lines[:50]:  # every word of the training alphabet is representable and round-trips
+        ids = a.encode(line)
+        assert a.unk_id not in ids
+        assert a.decode(ids) == a.normalize(line)
+    assert a.encode("zebra") == [a.unk_id]  # 'z' and 'b' never seen
+
+
+def test_build_order_ties_alphabetical():
+    tok = WordPieceTokenizer.build(["zz yy xx zz yy xx qq"], vocab_size=100)
+    words = [t for t in tok.vocab if len(t) > 1 and not t.startswith(("#", "["))]
+    assert words == ["xx", "yy", "zz", "qq"]  # count 2 (alphabetical), then count 1
+    assert tok.tokenize("xq") == ["x", "##q"]  # character fallback
+    small = WordPieceTokenizer.build(["zz yy xx zz yy xx qq"], vocab_size=10)
+    assert small.vocab_size == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text sources and errors
+# ---------------------------------------------------------------------------------------------------------------
+
+def write_wikitext(folder, variant, n=60):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        lines = [" = Heading = ", ""] + [" " + s + " " for s in english_like_lines(n, seed=hash(split) % 100)]
+        if variant == "tokens":
+            lines.append(" state @-@ of @-@ the @-@ art , 1 @,@ 000 people and <unk> things . ")
+        (folder / f"wiki.{split}.{variant}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_wikitext_detection(tmp_path):
+    write_wikitext(tmp_path / "raw", "raw")
+    assert data.find_wikitext(tmp_path / "raw")[0] == "raw"
+    write_wikitext(tmp_path / "tok" / "wikitext-2", "tokens")  # one folder below
+    variant, files = data.find_wikitext(tmp_path / "tok")
+    assert variant == "tokens" and set(files) == {"train", "valid", "test"}
+    write_wikitext(tmp_path / "raw", "tokens")  # both present: raw preferred
+    assert data.find_wikitext(tmp_path / "raw")[0] == "raw"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="wiki.train.raw"):
+        data.find_wikitext(tmp_path / "empty")
+
+
+def test_wikitext_tokens_variant_loads(tmp_path):
+    write_wikitext(tmp_path / "wt", "tokens")
+    td = data.load_text_data(f"wikitext-103:{tmp_path / 'wt'}", vocab_size=60, seq_len=8, cache_dir=tmp_path / "c")
+    assert set(td.tokens) == {"train", "valid", "test"}
+    text = td.tokenizer.decode(td.tokens["train"], skip_special=False)
+    assert "state - of - the - art , 1 , 000 people and [UNK] things ." in text
+    assert "@" not in text and "<" not in text
+    # the tokens stream wraps each non-blank line as [CLS] ... [SEP]
+    stream = np.asarray(td.tokens["train"])
+    assert stream[0] == td.tokenizer.cls_id and stream[-1] == td.tokenizer.sep_id
+    assert (stream == td.tokenizer.cls_id).sum() == (stream == td.tokenizer.sep_id).sum() == 61 + 1
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_text_data(str(tmp_path / "nope"), cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="wiki.train.raw"):
+        data.load_text_data(f"wikitext-103:{tmp_path / 'nope'}", cache_dir=tmp_path / "c")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "table.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"\.txt files, found table\.csv"):
+        data.load_text_data(str(tmp_path / "other"), cache_dir=tmp_path / "c")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty file"):
+        data.load_text_data(str(tmp_path / "empty.txt"), cache_dir=tmp_path / "c")
+    (tmp_path / "blank.txt").write_bytes(b"  \n\n \n")
+    with pytest.raises(DataError, match="only whitespace"):
+        data.load_text_data(str(tmp_path / "blank.txt"), cache_dir=tmp_path / "c")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 na\xefve\n".encode("latin-1") * 10)
+    with pytest.raises(DataError, match="non-UTF-8"):
+        data.load_text_data(str(tmp_path / "latin1.txt"), cache_dir=tmp_path / "c")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="binary"):
+        data.load_text_data(str(tmp_path / "binary.txt"), cache_dir=tmp_path / "c")
+    assert issubclass(DataError, ValueError)
+
+
+def test_plain_text_folder_split(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"doc{i:02d}.txt").write_text("\n".join(english_like_lines(20, seed=i)) + "\n")
+    splits = data._plain_text_splits(folder)
+    assert [f.path.name for f in splits["valid"]] == ["doc19.txt"]  # last 5% of the sorted files
+    assert len(splits["train"]) == 19
+
+
+def test_single_file_split_partitions_lines(text_file):
+    splits = data._plain_text_splits(text_file)
+    train = list(data._iter_lines(splits["train"][0]))
+    valid = list(data._iter_lines(splits["valid"][0]))
+    assert train + valid == english_like_lines(3000)
+    assert 0.03 < len(valid) / 3000 < 0.07
+
+
+def test_memmap_cache_is_reused(text_file, tmp_path, monkeypatch):
+    td = data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path)
+    assert td.tokens["train"].dtype == np.uint16
+    files = sorted(tmp_path.glob("*.bin"))
+    assert len(files) == 2 and not list(tmp_path.glob("*.tmp"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tokenizer must not run again")
+
+    monkeypatch.setattr(WordPieceTokenizer, "encode", fail)
+    monkeypatch.setattr(WordPieceTokenizer, "build", fail)
+    again = data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    for split in ("train", "valid"):
+        np.testing.assert_array_equal(again.tokens[split], td.tokens[split])
+    assert again.tokenizer.vocab == td.tokenizer.vocab
+
+
+def test_vocab_path_argument(text_file, tmp_path):
+    tok = WordPieceTokenizer.build(english_like_lines(100), vocab_size=50)
+    tok.save(tmp_path / "vocab.txt")
+    td = data.load_text_data(str(text_file), tokenizer=str(tmp_path / "vocab.txt"), seq_len=16,
+                             cache_dir=tmp_path / "c")
+    assert td.tokenizer.vocab == tok.vocab
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLM, CLM, determinism, shards
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Ids:
+    """Any object with special_ids, mask_id and vocab_size works with mlm_mask."""
+    special_ids = (0, 1, 2, 3, 4)
+    mask_id = 4
+    vocab_size = 1000
+
+
+def test_mlm_mask_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(5, 1000, (128, 256), generator=g)
+    x[:, 0] = 2  # [CLS]
+    x[:, 100] = 3  # [SEP]
+    x[:, -20:] = 0  # [PAD]
+    special = (x == 0) | (x == 2) | (x == 3)
+    masked, labels = data.mlm_mask(x, _Ids(), torch.Generator().manual_seed(1))
+    selected = labels != -100
+    assert not selected[special].any()
+    assert torch.equal(masked[special], x[special])
+    assert torch.equal(labels[selected], x[selected])
+    assert torch.equal(masked[~selected], x[~selected])
+    frac = selected.sum().item() / (~special).sum().item()
+    assert abs(frac - 0.15) < 0.01
+    n = selected.sum().item()
+    to_mask = (masked[selected] == 4).sum().item() / n
+    unchanged = (masked[selected] == x[selected]).sum().item() / n
+    random_tok = 1.0 - to_mask - unchanged
+    assert abs(to_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(random_tok - 0.1) < 0.02
+    replaced = masked[selected & (masked != 4) & (masked != x)]
+    assert (replaced >= 5).all()  # random tokens are never special
+    again = data.mlm_mask(x, _Ids(), torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], masked) and torch.equal(again[1], labels)
+    other = data.mlm_mask(x, _Ids(), torch.Generator().manual_seed(2))
+    assert not torch.equal(other[1], labels)
+
+
+def test_mlm_batch(text_data):
+    b = text_data.mlm_batch("train", step=0, batch_size=8, seed=0)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (8, 16)
+    assert b["input_ids"].dtype == b["labels"].dtype == torch.int64 and b["attention_mask"].dtype == torch.bool
+    assert b["attention_mask"].all()
+    tok = text_data.tokenizer
+    sel = b["labels"] != -100
+    assert sel.any()
+    assert not torch.isin(b["labels"][sel], torch.tensor(tok.special_ids)).any()
+
+
+def test_clm_batch_is_shifted(text_data):
+    b = text_data.clm_batch("train", step=5, batch_size=8, seed=0)
+    x, y = b["input_ids"], b["labels"]
+    assert x.shape == y.shape == (8, 16)
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    stream = torch.from_numpy(np.asarray(text_data.tokens["train"]).astype(np.int64))
+    ds = text_data.dataset("train", "clm")
+    idx = data.batch_indices(len(ds), 5, 8, 0, stream="train")
+    for row, i in enumerate(idx.tolist()):
+        assert torch.equal(x[row], stream[i * 16: i * 16 + 16])
+        assert torch.equal(y[row], stream[i * 16 + 1: i * 16 + 17])
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_batches_deterministic_and_sharded(text_data, objective):
+    get = text_data.mlm_batch if objective == "mlm" else text_data.clm_batch
+    full = get("train", step=7, batch_size=8, seed=3)
+    again = get("train", step=7, batch_size=8, seed=3)
+    for k in full:
+        assert torch.equal(full[k], again[k])
+    assert not torch.equal(get("train", step=8, batch_size=8, seed=3)["labels"], full["labels"])
+    assert not torch.equal(get("train", step=7, batch_size=8, seed=4)["labels"], full["labels"])
+    r0 = get("train", step=7, batch_size=8, seed=3, rank=0, world_size=2)
+    r1 = get("train", step=7, batch_size=8, seed=3, rank=1, world_size=2)
+    for k in full:
+        assert r0[k].shape[0] == r1[k].shape[0] == 4
+        assert torch.equal(r0[k], full[k][0::2]) and torch.equal(r1[k], full[k][1::2])
+    with pytest.raises(ValueError):
+        get("train", step=0, batch_size=7, seed=0, rank=0, world_size=2)
+
+
+def test_batch_indices_cover_each_epoch():
+    n, bs = 50, 8
+    seen = torch.cat([data.batch_indices(n, s, bs, seed=1) for s in range(25)])  # 200 = 4 epochs
+    for e in range(4):
+        assert sorted(seen[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert not torch.equal(seen[:n], seen[n:2 * n])  # a fresh permutation per epoch
+    assert torch.equal(data.batch_indices(n, 13, bs, seed=1), seen[13 * bs: 14 * bs])  # resume by step alone
+
+
+def test_iter_valid(text_data):
+    n = text_data.num_sequences("valid")
+    batches = list(text_data.iter_valid(batch_size=5))
+    assert sum(len(b["input_ids"]) for b in batches) == n
+    again = list(text_data.iter_valid(batch_size=5, max_batches=2))
+    assert len(again) == 2
+    for a, b in zip(again, batches):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    clm = list(text_data.iter_valid(batch_size=5, objective="clm", max_batches=1))[0]
+    stream = torch.from_numpy(np.asarray(text_data.tokens["valid"]).astype(np.int64))
+    assert torch.equal(clm["input_ids"][1], stream[16:32])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in text
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_builtin_text(tmp_path):
+    train, valid = data.builtin_text()
+    size = sum(len(s.encode()) + 1 for s in train)
+    assert size > 1_000_000 and len(valid) > 100
+    assert data.builtin_text() == (train, valid)
+    assert not set(valid) & set(train)
+    joined = " ".join(train[:2000])
+    assert joined.count(".") > 1000 and joined.count(",") > 1000
+    td = data.load_text_data("builtin", vocab_size=2048, seq_len=128, cache_dir=tmp_path)
+    stream = np.asarray(td.tokens["train"])
+    assert np.isin(stream, td.tokenizer.delimiter_ids).mean() > 0.05
+    assert td.num_sequences("valid") > 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------
+
+def write_cifar(folder, n=4, skip=None, bad=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in data.CIFAR10_FILES:
+        if name == skip:
+            continue
+        d = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    if bad is not None:
+        (folder / "test_batch").write_bytes(bad)
+
+
+def test_read_cifar10(tmp_path):
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    x_tr, y_tr, x_te, y_te = data.read_cifar10(tmp_path)  # the parent folder works too
+    assert x_tr.shape == (20, 3, 32, 32) and x_tr.dtype == torch.uint8
+    assert y_tr.shape == (20,) and y_tr.dtype == torch.int64 and x_te.shape == (4, 3, 32, 32)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    assert torch.equal(x_tr[0, 1].flatten(), torch.from_numpy(raw[b"data"][0, 1024:2048]))  # green plane
+    imgs = data.load_image_data(f"cifar10:{tmp_path / 'cifar-10-batches-py'}", image_size=32)
+    b = imgs.batch("train", step=0, batch_size=8, seed=0)
+    assert b["images"].shape == (8, 3, 32, 32) and b["labels"].dtype == torch.int64
+    assert imgs.class_names[0] == "airplane"
+
+
+def test_cifar10_errors(tmp_path):
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        data.read_cifar10(tmp_path / "nope")
+    write_cifar(tmp_path / "a", skip="data_batch_3")
+    with pytest.raises(DataError, match="missing data_batch_3"):
+        data.read_cifar10(tmp_path / "a")
+    write_cifar(tmp_path / "b", bad=b"this is not a pickle")
+    with pytest.raises(DataError, match="test_batch"):
+        data.read_cifar10(tmp_path / "b")
+    write_cifar(tmp_path / "c", bad=pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(DataError, match="data = uint8"):
+        data.read_cifar10(tmp_path / "c")
+    write_cifar(tmp_path / "d", bad=pickle.dumps({b"data": os.getcwd}))  # a non-array global is refused
+    with pytest.raises(DataError, match="unreadable"):
+        data.read_cifar10(tmp_path / "d")
+
+
+def test_augmentations():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 8, 8, generator=g)
+    pad = 2
+    same = data.crop_flip(x, torch.full((6,), pad), torch.full((6,), pad), torch.zeros(6, dtype=torch.bool), pad)
+    assert torch.equal(same, x)
+    flipped = data.crop_flip(x, torch.full((6,), pad), torch.full((6,), pad), torch.ones(6, dtype=torch.bool), pad)
+    assert torch.equal(flipped, x.flip(-1))
+    shifted = data.crop_flip(x, torch.zeros(6, dtype=torch.long), torch.full((6,), pad),
+                             torch.zeros(6, dtype=torch.bool), pad, padding_mode="zeros")
+    assert torch.equal(shifted[:, :, pad:], x[:, :, :-pad]) and (shifted[:, :, :pad] == 0).all()
+    a = data.random_crop_flip(x, torch.Generator().manual_seed(1), pad=pad)
+    b = data.random_crop_flip(x, torch.Generator().manual_seed(1), pad=pad)
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b)
+    assert data.resize(x, 16).shape == (6, 3, 16, 16)
+    y = data.normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert torch.allclose(y, (x - 0.5) / 0.25)
+
+
+def test_builtin_images():
+    x_tr, y_tr, x_va, y_va = data.builtin_images(200, 50, image_size=32, seed=0)
+    assert x_tr.shape == (200, 3, 32, 32) and x_tr.dtype == torch.uint8 and y_tr.dtype == torch.int64
+    assert x_va.shape == (50, 3, 32, 32) and y_va.shape == (50,)
+    assert torch.bincount(y_tr, minlength=10).tolist() == [20] * 10
+    assert torch.bincount(y_va, minlength=10).tolist() == [5] * 10
+    again = data.builtin_images(200, 50, image_size=32, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip((x_tr, y_tr, x_va, y_va), again))
+    assert not torch.equal(data.builtin_images(200, 50, seed=1)[0], x_tr)
+    assert torch.equal(data.builtin_images(10, 50, seed=0)[2], x_va)  # valid set independent of n_train
+    # background dominates: pixels close to the corner colour (the corners are always background)
+    corner = x_tr[:, :, 0, 0].float().view(200, 3, 1, 1)
+    background = ((x_tr.float() - corner).abs() <= 30).all(dim=1).float().mean(dim=(1, 2))
+    assert background.min() > 0.6 and background.mean() > 0.8
+
+
+def test_image_batches_deterministic_and_sharded():
+    imgs = data.load_image_data("builtin", image_size=48, n_train=100, n_valid=30)
+    full = imgs.batch("train", step=3, batch_size=8, seed=0)
+    assert full["images"].shape == (8, 3, 48, 48) and full["images"].dtype == torch.float32
+    again = imgs.batch("train", step=3, batch_size=8, seed=0)
+    assert torch.equal(full["images"], again["images"]) and torch.equal(full["labels"], again["labels"])
+    r0 = imgs.batch("train", step=3, batch_size=8, seed=0, rank=0, world_size=2)
+    r1 = imgs.batch("train", step=3, batch_size=8, seed=0, rank=1, world_size=2)
+    assert torch.equal(r0["images"], full["images"][0::2]) and torch.equal(r1["images"], full["images"][1::2])
+    assert torch.equal(r1["labels"], full["labels"][1::2])
+    plain = imgs.batch("train", step=3, batch_size=8, seed=0, augment=False)
+    assert not torch.equal(plain["images"], full["images"])
+    valid = list(imgs.iter_valid(batch_size=8))
+    assert [len(b["labels"]) for b in valid] == [8, 8, 8, 6]
+    assert torch.equal(torch.cat([b["labels"] for b in valid]), imgs.labels["valid"])

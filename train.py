@@ -1,0 +1,560 @@
+"""Train BERT (masked LM), OPT (causal LM) or ViT (classification) with the paper's recipes (appendix C).
+
+    python train.py --preset bert-small --attn-mode gated --out runs/bert-gated      # built-in data, CPU
+    python train.py --preset bert-6l --data wikitext-103:/data/wikitext-103 --vocab-file bert-vocab.txt \
+        --attn-mode clipped --clip-alpha 4 --device cuda --dtype bf16 --out runs/bert6l-clipped
+    torchrun --nproc_per_node 8 train.py --preset opt-125m --data /data/wiki --attn-mode gated ...
+    python train.py --resume runs/bert-gated            # continue exactly where the checkpoint left off
+
+Every model-config field of the preset (model.py) and every training setting (TrainConfig below, whose
+per-architecture defaults are the paper's: RECIPES) is a command-line flag; `--help` lists them.
+
+The loop, top to bottom: build (or restore) the model, optimizer and schedule; for each step, fetch the step's
+batch (a pure function of the seed and the step number, data.py), forward and backward over the micro-batches,
+clip the gradient norm, step; log; every `eval_interval` steps validate (loss, perplexity or accuracy, and the
+outlier metrics max inf-norm and kurtosis); every `ckpt_interval` steps write a checkpoint atomically. Because a
+batch depends on the step number alone and the RNG states are saved, `--resume` on the CPU continues with exactly
+the losses of an uninterrupted run.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, get_config
+from quant import OutlierStats
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+@dataclass
+class TrainConfig:
+    """Training settings. `RECIPES` gives the paper's values per architecture (appendix C); `SMALL_RECIPES`
+    the small CPU presets' values. Anything can be overridden on the command line."""
+    data: str = "builtin"           # "builtin", "wikitext-103:/path", "wikitext-2:/path", a text file/folder, "cifar10:/path"
+    vocab_file: str = ""            # a WordPiece vocab.txt (e.g. BERT's); empty: build one from the training text
+    steps: int = 1_000_000
+    batch_size: int = 256           # global batch, in sequences (or images), per optimizer step
+    grad_accum: int = 1             # micro-batches per optimizer step (batch_size is split across them)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10_000
+    schedule: str = "linear"        # "linear" (warm-up then linear decay to min_lr) | "cosine" | "constant"
+    weight_decay: float = 0.01
+    wd_ln_gamma: bool = False       # appendix B.3: also decay LayerNorm weights (gamma)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
+    eval_interval: int = 1000
+    eval_batches: int = 50
+    eval_batch_size: int = 0        # 0: the training batch size
+    log_interval: int = 50
+    ckpt_interval: int = 1000
+    out: str = "runs/default"
+    compile: bool = False
+
+
+RECIPES = {
+    # C.1: batch 256, 1M steps, AdamW lr 1e-4, 10k warm-up, linear decay, wd 0.01, clip 1.0
+    "bert": TrainConfig(),
+    # C.2: batch 48 x 4 accumulation = 192, 125k steps, lr 4e-4, 2k warm-up, linear, wd 0.1, betas (0.9, 0.95)
+    "opt": TrainConfig(steps=125_000, batch_size=192, grad_accum=4, lr=4e-4, warmup_steps=2000, weight_decay=0.1,
+                       beta2=0.95),
+    # C.3: batch 512, 300 epochs of ImageNet (~750k steps), lr 1e-3, 20 warm-up epochs, cosine to 1e-5, wd 0.03
+    "vit": TrainConfig(data="cifar10:", steps=750_000, batch_size=512, lr=1e-3, min_lr=1e-5, warmup_steps=50_000,
+                       schedule="cosine", weight_decay=0.03),
+}
+# The small presets train on 2 CPU cores in minutes; their settings are this project's, not the paper's.
+SMALL_RECIPES = {
+    "bert-small": replace(RECIPES["bert"], steps=6000, batch_size=16, lr=2e-3, warmup_steps=300, eval_interval=500,
+                          eval_batches=20, ckpt_interval=500, log_interval=50),
+    "bert-mid": replace(RECIPES["bert"], steps=6000, batch_size=32, lr=1e-3, warmup_steps=500, eval_interval=500,
+                        eval_batches=20, ckpt_interval=500),
+    "opt-small": replace(RECIPES["opt"], steps=5000, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=300,
+                         eval_interval=500, eval_batches=20, ckpt_interval=500),
+    "vit-small": replace(RECIPES["vit"], data="builtin", steps=4000, batch_size=64, lr=1e-3, min_lr=1e-5,
+                         warmup_steps=300, eval_interval=500, eval_batches=20, ckpt_interval=500),
+}
+
+
+def recipe_for(preset: str) -> TrainConfig:
+    return SMALL_RECIPES.get(preset) or RECIPES[PRESETS[preset].arch]
+
+
+def validate_train_config(tc: TrainConfig) -> None:
+    def bad(f, allowed):
+        raise ValueError(f"{f}={getattr(tc, f)!r} is invalid: {allowed}")
+    for f in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
+              "ckpt_interval"):
+        if getattr(tc, f) <= 0:
+            bad(f, "must be a positive integer")
+    if tc.batch_size % tc.grad_accum:
+        bad("batch_size", f"must be divisible by grad_accum={tc.grad_accum}")
+    if not tc.lr > 0 or tc.min_lr < 0 or tc.min_lr > tc.lr:
+        bad("lr", f"need lr > 0 and 0 <= min_lr <= lr (min_lr={tc.min_lr})")
+    if tc.warmup_steps < 0:
+        bad("warmup_steps", "must be >= 0")
+    if tc.schedule not in ("linear", "cosine", "constant"):
+        bad("schedule", "choose linear, cosine or constant")
+    if tc.weight_decay < 0:
+        bad("weight_decay", "must be >= 0")
+    if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
+        bad("beta1", f"beta1 and beta2 must be in [0, 1) (beta2={tc.beta2})")
+    if tc.grad_clip < 0:
+        bad("grad_clip", "must be >= 0 (0 disables clipping)")
+    if tc.dtype not in ("fp32", "bf16", "fp16"):
+        bad("dtype", "choose fp32, bf16 or fp16")
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up from 0, then the schedule to min_lr."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.schedule == "constant":
+        return tc.lr
+    frac = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+    if tc.schedule == "linear":
+        return tc.min_lr + (tc.lr - tc.min_lr) * (1.0 - frac)
+    return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def param_groups(model, tc: TrainConfig):
+    """Weight decay on weight matrices (and the gate's weights); none on biases, LayerNorm, positions and the
+    CLS token unless --wd-ln-gamma, which decays LayerNorm weights too (appendix B.3)."""
+    decay, no_decay = [], []
+    ln_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    for n, p in model.named_parameters():
+        if id(p) in ln_weights:
+            (decay if tc.wd_ln_gamma else no_decay).append(p)
+        elif p.dim() >= 2 and n not in ("pos_embed", "cls_token"):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------------ data
+class Task:
+    """The data side of one architecture: training batches by step, validation batches, the task's metric."""
+
+    def __init__(self, cfg, tc: TrainConfig, cache_dir: str | None = None, tokenizer_path: str = ""):
+        self.arch = cfg.arch
+        if cfg.arch == "vit":
+            source = "builtin" if tc.data in ("builtin", "") else tc.data
+            self.data = D.load_image_data(source, image_size=cfg.image_size, cache_dir=cache_dir)
+            self.tokenizer = None
+            if self.data.num_classes != cfg.n_classes:
+                raise ValueError(f"the data has {self.data.num_classes} classes but the model has n_classes="
+                                 f"{cfg.n_classes}: pass --n-classes {self.data.num_classes}")
+        else:
+            vocab = tokenizer_path or tc.vocab_file or None
+            self.data = D.load_text_data(tc.data, tokenizer=vocab, vocab_size=cfg.vocab_size,
+                                         seq_len=cfg.max_seq_len, cache_dir=cache_dir)
+            self.tokenizer = self.data.tokenizer
+            if self.tokenizer.vocab_size > cfg.vocab_size:
+                raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
+                                 f"is {cfg.vocab_size}: pass --vocab-size {self.tokenizer.vocab_size} or more")
+
+    def batch(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
+        """The batch of `step` (a pure function of seed and step); rank r of world_size takes its shard."""
+        if self.arch == "bert":
+            return self.data.mlm_batch(split, step, batch_size, seed, rank, world_size)
+        if self.arch == "opt":
+            return self.data.clm_batch(split, step, batch_size, seed, rank, world_size)
+        augment = (split == "train") if augment is None else augment
+        return self.data.batch(split, step, batch_size, seed, rank, world_size, augment=augment)
+
+    def iter_valid(self, batch_size, max_batches):
+        if self.arch == "bert":
+            return self.data.iter_valid(batch_size, objective="mlm", max_batches=max_batches)
+        if self.arch == "opt":
+            return self.data.iter_valid(batch_size, objective="clm", max_batches=max_batches)
+        return self.data.iter_valid(batch_size, max_batches)
+
+
+def n_targets(batch) -> int:
+    """How many predictions a batch's loss averages over (masked tokens, next tokens, or images)."""
+    labels = batch["labels"]
+    return int((labels != -100).sum()) if labels.dim() == 2 else labels.numel()
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model, task: Task, batch_size: int, max_batches: int, device, outliers: bool = True,
+             forward=None, progress: bool = False) -> dict:
+    """Validation metric and, optionally, the outlier metrics, over a deterministic validation set.
+
+    Language models: loss = mean cross-entropy per predicted token, ppl = exp(loss). ViT: loss and top-1 acc.
+    Outlier metrics (quant.OutlierStats): for each recorded tensor kind, the per-sample inf-norm averaged over the
+    validation set and maxed over layers (`max_inf_norm/<kind>`), and the per-sample kurtosis averaged over the
+    set and over layers (`kurtosis/<kind>`). `forward(model, batch, record)` may replace the plain call (PTQ).
+    """
+    was_training = model.training
+    model.eval()
+    stats = OutlierStats() if outliers else None
+    tot_loss, tot_n, correct = 0.0, 0, 0
+    batches = task.iter_valid(batch_size, max_batches)
+    for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
+        b = to_device(b, device)
+        rec = {} if outliers else None
+        logits, loss = (forward or _plain_forward)(model, b, rec)
+        n = n_targets(b)
+        tot_loss += loss.item() * n
+        tot_n += n
+        if task.arch == "vit":
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+        if outliers:
+            hidden = {k: v for k, v in rec.items() if not k.endswith(("attn_probs", "gate_probs"))}
+            stats.update(hidden, b.get("attention_mask"))
+    model.train(was_training)
+    out = {"val_loss": tot_loss / max(tot_n, 1)}
+    if task.arch == "vit":
+        out["val_acc"] = 100.0 * correct / max(tot_n, 1)
+    else:
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    if outliers:
+        summary = stats.summary()
+        for kind, v in summary["per_kind"].items():
+            out[f"max_inf_norm/{kind}"] = v["max_inf_norm"]
+            out[f"kurtosis/{kind}"] = v["mean_kurtosis"]
+    return out
+
+
+def _plain_forward(model, batch, record):
+    return model(**batch, record=record)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str, obj: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then os.replace (the old file stays intact until
+    the new one is complete)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by train.py (a file, or a run folder holding ckpt.pt)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: give a run folder (with ckpt.pt) or a .pt file "
+                                f"written by train.py")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise ValueError(f"{path!r} is not a train.py checkpoint (it lacks 'model' and 'config')")
+    return ck
+
+
+def model_from_checkpoint(ck: dict):
+    """Rebuild the model a checkpoint describes and load its weights (strictly: a mismatch is an error)."""
+    cfg = config_from_dict(ck["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not fit its config ({cfg.arch}): {e}") from e
+    return model, cfg
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+HELP = {
+    "n_layers": "number of transformer blocks", "n_heads": "attention heads", "d_model": "hidden width",
+    "d_ff": "FFN hidden width", "dropout": "hidden dropout", "attn_dropout": "dropout on attention probabilities",
+    "init_std": "std of the normal weight init", "ln_eps": "LayerNorm epsilon",
+    "attn_mode": "attention: softmax | clipped (Eq. 4) | gated (Eq. 5-7) | softmax1",
+    "clip_alpha": "clipped softmax: gamma = -alpha / T (section 5.2; robust range 2-4)",
+    "clip_gamma": "clipped softmax: gamma (<= 0) directly, instead of --clip-alpha",
+    "clip_zeta": "clipped softmax: zeta (>= 1)",
+    "gate_type": "gated attention: linear | mlp | all_heads_linear (Table 3)",
+    "gate_hidden": "gated attention, mlp gate: n_hid", "gate_init": "gated attention: pi_init in (0, 1)",
+    "fused_attn": "use scaled_dot_product_attention where exact", "vocab_size": "vocabulary size",
+    "max_seq_len": "maximum sequence length T (positions)", "type_vocab_size": "BERT token types",
+    "pad_id": "padding token id", "image_size": "image side in pixels", "patch_size": "patch side in pixels",
+    "n_channels": "image channels", "n_classes": "classes", "patch_ln": "ViT: LayerNorm after the patch "
+    "embedding (appendix B.4)", "label_smoothing": "ViT: label smoothing",
+    "data": "builtin | wikitext-103:DIR | wikitext-2:DIR | a .txt file or folder | cifar10:DIR",
+    "vocab_file": "WordPiece vocab.txt to use (e.g. BERT's); default: build one from the training text",
+    "steps": "optimizer steps", "batch_size": "global batch (sequences or images) per optimizer step",
+    "grad_accum": "micro-batches per step", "lr": "peak learning rate", "min_lr": "final learning rate",
+    "warmup_steps": "linear warm-up steps", "schedule": "linear | cosine | constant after warm-up",
+    "weight_decay": "AdamW weight decay", "wd_ln_gamma": "also decay LayerNorm weights (appendix B.3)",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
+    "seed": "seed of the init, the batches and dropout", "device": "auto | cpu | cuda | cuda:N",
+    "dtype": "fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)",
+    "eval_interval": "validate every N steps", "eval_batches": "validation batches",
+    "eval_batch_size": "validation batch size (0: training batch size)", "log_interval": "log every N steps",
+    "ckpt_interval": "checkpoint every N steps", "out": "run folder (checkpoint, log.jsonl, vocab.txt)",
+    "compile": "torch.compile the model",
+}
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _arg_type(t):
+    if t is bool:
+        return _parse_bool
+    if t in (int, float, str):
+        return t
+    if t == (float | None):
+        return float
+    raise TypeError(f"no command-line type for {t}")
+
+
+def _add_fields(group, dc_fields, seen):
+    for f in dc_fields:
+        if f.name in seen or f.name == "arch":
+            continue
+        seen.add(f.name)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_arg_type(f.type), default=None,
+                           help=HELP.get(f.name, f.name))
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bert-small", help=f"model preset: {', '.join(PRESETS)}")
+    ap.add_argument("--resume", default="", help="run folder or checkpoint to continue from")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    seen = set()
+    g = ap.add_argument_group("model (defaults: the preset)")
+    for cls in CONFIGS.values():
+        _add_fields(g, fields(cls), seen)
+    _add_fields(ap.add_argument_group("training (defaults: the paper's recipe, or the small preset's)"),
+                fields(TrainConfig), seen)
+    return ap
+
+
+def resolve_configs(args):
+    """The model config and the training config from the preset, the command line and (on resume) a checkpoint."""
+    model_fields = {f.name for cls in CONFIGS.values() for f in fields(cls)}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in model_fields | train_fields}
+    model_over = {k: v for k, v in given.items() if k in model_fields}
+    train_over = {k: v for k, v in given.items() if k in train_fields}
+    ck = None
+    if args.resume:
+        ck = load_checkpoint(args.resume)
+        cfg = config_from_dict(ck["config"])
+        if model_over:
+            differ = {k: v for k, v in model_over.items() if getattr(cfg, k, None) != v}
+            if differ:
+                raise ValueError(f"--resume: the checkpoint's model config differs from the command line {differ}; "
+                                 f"drop those flags or start a new run")
+        tc = replace(TrainConfig(**ck["train_config"]), **{k: v for k, v in train_over.items()})
+    else:
+        if args.preset not in PRESETS:
+            raise ValueError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+        cls_fields = {f.name for f in fields(PRESETS[args.preset])}
+        foreign = sorted(set(model_over) - cls_fields)
+        if foreign:
+            raise ValueError(f"{['--' + f.replace('_', '-') for f in foreign]} do not apply to preset {args.preset!r} "
+                             f"({PRESETS[args.preset].arch})")
+        cfg = get_config(args.preset, **model_over)
+        tc = replace(recipe_for(args.preset), **train_over)
+    validate_train_config(tc)
+    return cfg, tc, ck
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, tc, ck = resolve_configs(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    device = pick_device(tc.device)
+    if ddp:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            torch.cuda.set_device(device)
+    master = rank == 0
+    if tc.batch_size % (tc.grad_accum * world):
+        sys.exit(f"error: batch_size={tc.batch_size} must be divisible by grad_accum * world_size = "
+                 f"{tc.grad_accum * world}")
+    if tc.dtype == "fp16" and device.type != "cuda":
+        sys.exit("error: --dtype fp16 needs CUDA (its gradient scaler); use bf16 or fp32 on the CPU")
+    out = args.resume if (args.resume and os.path.isdir(args.resume)) else tc.out
+    if args.resume and not os.path.isdir(args.resume):
+        out = os.path.dirname(os.path.abspath(args.resume))
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if not args.resume and os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} exists: pass --resume {out} to continue it, or choose another --out")
+
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    try:
+        vocab_path = os.path.join(out, "vocab.txt") if (args.resume and os.path.exists(
+            os.path.join(out, "vocab.txt"))) else ""
+        task = Task(cfg, tc, tokenizer_path=vocab_path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if master and task.tokenizer is not None and not os.path.exists(os.path.join(out, "vocab.txt")):
+        task.tokenizer.save(os.path.join(out, "vocab.txt"))
+
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.dtype == "fp16")
+    start = 0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if "scaler" in ck:
+            scaler.load_state_dict(ck["scaler"])
+        start = ck["step"]
+        set_rng_state(ck["rng"])
+    raw_model = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    fwd_model = torch.compile(model) if tc.compile else model
+    amp = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[tc.dtype])
+           if tc.dtype != "fp32" else contextlib.nullcontext())
+    log_path = os.path.join(out, "log.jsonl")
+
+    def log(rec):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint(step):
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "config": config_to_dict(cfg), "train_config": asdict(tc), "rng": rng_state(),
+                "vocab": task.tokenizer.vocab if task.tokenizer is not None else None,
+                "metrics": last_eval})
+        if ddp:
+            dist.barrier()
+
+    if master and ck is None:
+        n = raw_model.num_params()
+        print(f"{cfg.arch} {args.preset}: {n / 1e6:.2f}M parameters, attention {cfg.attn_mode}, "
+              f"{tc.steps} steps x {tc.batch_size} on {device} ({world} process{'es' if world > 1 else ''})")
+        log({"event": "start", "config": config_to_dict(cfg), "train_config": asdict(tc), "params": n,
+             "world_size": world})
+    last_eval = ck.get("metrics") if ck else None
+    micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it
+    ebs = tc.eval_batch_size or min(tc.batch_size, 64)
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not master or args.quiet,
+               dynamic_ncols=True)
+    t0, tokens_since = time.perf_counter(), 0
+    for step in bar:
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = [to_device(task.batch("train", step * tc.grad_accum + i, micro, tc.seed, rank, world), device)
+                   for i in range(tc.grad_accum)]
+        counts = torch.tensor([float(n_targets(b)) for b in batches], device=device)
+        total = counts.sum()
+        if ddp:
+            dist.all_reduce(total)
+        # Each micro-batch's mean loss is weighted by its share of all predictions in the global batch, so the
+        # gradient equals that of the global mean, whatever the split across micro-batches and ranks.
+        step_loss = torch.zeros((), device=device)
+        for i, b in enumerate(batches):
+            sync = (not ddp) or i == len(batches) - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+                _, loss = fwd_model(**b)
+            w = counts[i] / total * world
+            scaler.scale(loss * w).backward()
+            step_loss += loss.detach() * counts[i] / total
+        if ddp:
+            dist.all_reduce(step_loss)
+        if not torch.isfinite(step_loss):
+            msg = (f"error: the loss became {step_loss.item()} at step {step}; the last good checkpoint "
+                   f"({ckpt_path}) is kept. Lower --lr, raise --warmup-steps or use --dtype fp32.")
+            log({"event": "nonfinite", "step": step})
+            sys.exit(msg)
+        if tc.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        tokens_since += sum(b["labels"].numel() for b in batches) * world
+        done = step + 1
+        if done % tc.log_interval == 0 or done == tc.steps:
+            dt = time.perf_counter() - t0
+            rate = tokens_since / dt
+            t0, tokens_since = time.perf_counter(), 0
+            rec = {"step": done, "loss": step_loss.item(), "lr": lr, "items_per_s": rate}
+            log(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
+        if done % tc.eval_interval == 0 or done == tc.steps:
+            if master:
+                last_eval = evaluate(raw_model, task, ebs, tc.eval_batches, device)
+                log({"step": done, **last_eval})
+                summary = ", ".join(f"{k}={v:.3g}" for k, v in last_eval.items()
+                                    if k in ("val_ppl", "val_acc", "max_inf_norm/ffn_out", "kurtosis/ffn_out"))
+                tqdm.write(f"step {done}: {summary}")
+            if ddp:
+                dist.barrier()
+        if done % tc.ckpt_interval == 0 or done == tc.steps:
+            checkpoint(done)
+    if ddp:
+        dist.destroy_process_group()
+    return last_eval
+
+
+if __name__ == "__main__":
+    main()
