@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import quant as Q
-from train import Task, TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, n_targets, to_device
+from train import Task, TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, pick_device, to_device
 
 def parse_bits(s: str):
     """'W8A8' -> (8, 8)."""
@@ -104,6 +104,15 @@ def main(argv=None):
 
 
 def _main(args):
+    if args.calib_batches <= 0:
+        raise ValueError(f"--calib-batches {args.calib_batches}: must be a positive integer")
+    for name in ("eval_batches", "eval_batch_size", "calib_batch_size"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: the default)")
+    try:
+        device = pick_device(args.device)
+    except RuntimeError as e:  # torch.device() of an unknown name
+        raise ValueError(f"--device {args.device}: {e}") from e
     ck = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ck)
     tc = TrainConfig(**ck["train_config"])
@@ -113,8 +122,6 @@ def _main(args):
     vocab = os.path.join(run_dir, "vocab.txt")
     if cfg.arch != "vit" and not os.path.exists(vocab):
         raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     task = Task(cfg, tc, tokenizer_path=vocab if cfg.arch != "vit" else "")
     model.to(device).eval()
     eval_bs = args.eval_batch_size or tc.eval_batch_size or min(tc.batch_size, 64)

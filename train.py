@@ -1,4 +1,4 @@
-"""Train BERT (masked LM), OPT (causal LM) or ViT (classification) with the paper's recipes (appendix C).
+r"""Train BERT (masked LM), OPT (causal LM) or ViT (classification) with the paper's recipes (appendix C).
 
     python train.py --preset bert-small --attn-mode gated --out runs/bert-gated      # built-in data, CPU
     python train.py --preset bert-6l --data wikitext-103:/data/wikitext-103 --vocab-file bert-vocab.txt \
@@ -102,6 +102,8 @@ def validate_train_config(tc: TrainConfig) -> None:
               "ckpt_interval"):
         if getattr(tc, f) <= 0:
             bad(f, "must be a positive integer")
+    if tc.eval_batch_size < 0:
+        bad("eval_batch_size", "must be >= 0 (0: the training batch size, at most 64)")
     if tc.batch_size % tc.grad_accum:
         bad("batch_size", f"must be divisible by grad_accum={tc.grad_accum}")
     if not tc.lr > 0 or tc.min_lr < 0 or tc.min_lr > tc.lr:
@@ -155,7 +157,7 @@ class Task:
         self.arch = cfg.arch
         if cfg.arch == "vit":
             source = "builtin" if tc.data in ("builtin", "") else tc.data
-            self.data = D.load_image_data(source, image_size=cfg.image_size, cache_dir=cache_dir)
+            self.data = D.load_image_data(source, image_size=cfg.image_size)  # images are not cached on disk
             self.tokenizer = None
             if self.data.num_classes != cfg.n_classes:
                 raise ValueError(f"the data has {self.data.num_classes} classes but the model has n_classes="
@@ -392,6 +394,11 @@ def resolve_configs(args):
             raise ValueError(f"{['--' + f.replace('_', '-') for f in foreign]} do not apply to preset {args.preset!r} "
                              f"({PRESETS[args.preset].arch})")
         cfg = get_config(args.preset, **model_over)
+        for prefix, mode in (("clip_", "clipped"), ("gate_", "gated")):
+            unused = sorted(k for k in model_over if k.startswith(prefix))
+            if unused and cfg.attn_mode != mode:
+                raise ValueError(f"{['--' + f.replace('_', '-') for f in unused]} have no effect with "
+                                 f"attn_mode={cfg.attn_mode!r}: add --attn-mode {mode}")
         tc = replace(recipe_for(args.preset), **train_over)
     validate_train_config(tc)
     return cfg, tc, ck
@@ -416,7 +423,10 @@ def main(argv=None):
     # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
-    device = pick_device(tc.device)
+    try:
+        device = pick_device(tc.device)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
     if ddp:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
@@ -447,7 +457,7 @@ def main(argv=None):
         task = Task(cfg, tc, tokenizer_path=vocab_path)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
-    if master and task.tokenizer is not None and not os.path.exists(os.path.join(out, "vocab.txt")):
+    if master and task.tokenizer is not None and not vocab_path:  # a new run: overwrite a stale vocab.txt
         task.tokenizer.save(os.path.join(out, "vocab.txt"))
 
     model = build_model(cfg).to(device)
@@ -492,6 +502,8 @@ def main(argv=None):
               f"{tc.steps} steps x {tc.batch_size} on {device} ({world} process{'es' if world > 1 else ''})")
         log({"event": "start", "config": config_to_dict(cfg), "train_config": asdict(tc), "params": n,
              "world_size": world})
+    if ck is not None:  # an interrupted process may have logged steps past the checkpoint: later records win
+        log({"event": "resume", "step": start, "train_config": asdict(tc), "world_size": world})
     last_eval = ck.get("metrics") if ck else None
     micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it
     ebs = tc.eval_batch_size or min(tc.batch_size, 64)
@@ -520,14 +532,19 @@ def main(argv=None):
             step_loss += loss.detach() * counts[i] / total
         if ddp:
             dist.all_reduce(step_loss)
-        if not torch.isfinite(step_loss):
-            msg = (f"error: the loss became {step_loss.item()} at step {step}; the last good checkpoint "
-                   f"({ckpt_path}) is kept. Lower --lr, raise --warmup-steps or use --dtype fp32.")
-            log({"event": "nonfinite", "step": step})
+        # The gradient norm is checked too: a finite loss with an inf/NaN gradient would otherwise put NaN weights
+        # into the next checkpoint. (With fp16 the scaler skips such steps itself; max_norm=inf clips nothing.)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        if not torch.isfinite(step_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
+            what = "loss" if not torch.isfinite(step_loss) else "gradient norm"
+            value = (step_loss if what == "loss" else grad_norm).item()
+            kept = (f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path) else
+                    "no checkpoint was written")
+            msg = (f"error: the {what} became {value} at step {step + 1}; {kept}. Lower --lr, raise "
+                   f"--warmup-steps or use --dtype fp32.")
+            log({"event": "nonfinite", "step": step + 1, "what": what})
             sys.exit(msg)
-        if tc.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

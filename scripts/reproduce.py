@@ -1,0 +1,152 @@
+"""Small-scale reproduction of the paper's Table 2: vanilla vs clipped softmax vs gated attention, one command.
+
+    python scripts/reproduce.py                        # BERT rows on the built-in text (about 20-25 min, 2 cores)
+    python scripts/reproduce.py --model opt            # OPT (causal LM) rows
+    python scripts/reproduce.py --model vit            # ViT rows on the built-in images
+    python scripts/reproduce.py --sweep alpha          # Figure 6: clipped softmax, alpha in ALPHAS
+    python scripts/reproduce.py --sweep pi_init        # Figure 7: Linear gate, pi_init in PI_INITS
+    python scripts/reproduce.py --rows vanilla gated_linear --steps 500   # a subset, shorter
+
+Each row trains one model with train.py (same preset, data, seed and recipe; only the attention differs) and
+evaluates it with eval_ptq.py (FP metric, max inf-norm, average kurtosis, W8A8 and W8A6 over 3 calibration
+seeds). The table is written to <out>/table.md and every number to <out>/results.json. A row whose run folder
+already holds ptq.json is not run again, so an interrupted reproduction continues where it stopped.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval_ptq  # noqa: E402
+import train  # noqa: E402
+
+# The rows of each model's table: (name, description, model flags). The small-scale settings are explained in
+# the README ("Why these settings"): alpha is scaled down for clipped softmax, the paper's alpha = 4 is a row of
+# its own.
+ROWS = {
+    "bert": [
+        ("vanilla", "softmax", []),
+        ("clipped", "clipped softmax, alpha 1", ["--attn-mode", "clipped", "--clip-alpha", "1"]),
+        ("clipped_a4", "clipped softmax, alpha 4 (paper)", ["--attn-mode", "clipped", "--clip-alpha", "4"]),
+        ("gated_linear", "gated attention, Linear", ["--attn-mode", "gated", "--gate-type", "linear"]),
+        ("gated_mlp", "gated attention, MLP n_hid 4 (paper's best for BERT)",
+         ["--attn-mode", "gated", "--gate-type", "mlp", "--gate-hidden", "4"]),
+    ],
+    "opt": [
+        ("vanilla", "softmax", []),
+        ("clipped", "clipped softmax, alpha 1", ["--attn-mode", "clipped", "--clip-alpha", "1"]),
+        ("gated_linear", "gated attention, Linear", ["--attn-mode", "gated", "--gate-type", "linear"]),
+        ("gated_all_heads", "gated attention, All-heads-linear",
+         ["--attn-mode", "gated", "--gate-type", "all_heads_linear"]),
+    ],
+    "vit": [
+        ("vanilla", "softmax", []),
+        ("clipped", "clipped softmax, alpha 1", ["--attn-mode", "clipped", "--clip-alpha", "1"]),
+        ("gated_linear", "gated attention, Linear", ["--attn-mode", "gated", "--gate-type", "linear"]),
+    ],
+}
+DEFAULT_ROWS = {"bert": ["vanilla", "clipped", "gated_linear", "gated_mlp", "clipped_a4"],
+                "opt": ["vanilla", "clipped", "gated_linear"], "vit": ["vanilla", "clipped", "gated_linear"]}
+PRESET = {"bert": "bert-small", "opt": "opt-small", "vit": "vit-small"}
+ALPHAS = [0.25, 0.5, 1, 2, 4, 8]        # Figure 6
+PI_INITS = [0.1, 0.25, 0.5, 0.75, 0.9]  # Figure 7
+
+
+def sweep_rows(kind):
+    if kind == "alpha":
+        return [(f"alpha_{a:g}", f"clipped softmax, alpha {a:g}", ["--attn-mode", "clipped", "--clip-alpha", str(a)])
+                for a in ALPHAS]
+    return [(f"pi_init_{p:g}", f"gated Linear, pi_init {p:g}", ["--attn-mode", "gated", "--gate-init", str(p)])
+            for p in PI_INITS]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bert", choices=sorted(ROWS), help="which model's table")
+    ap.add_argument("--rows", nargs="+", default=None, help="rows to run (default: the model's default rows)")
+    ap.add_argument("--sweep", choices=["alpha", "pi_init"], help="run the alpha (Fig. 6) or pi_init (Fig. 7) "
+                                                                  "sweep instead of the table rows")
+    ap.add_argument("--steps", type=int, default=0, help="training steps per row (0: the preset's recipe)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the same for every row)")
+    ap.add_argument("--bits", nargs="+", default=["W8A8", "W8A6"], help="PTQ bit widths")
+    ap.add_argument("--ptq-seeds", type=int, default=3, help="PTQ repetitions (calibration seeds)")
+    ap.add_argument("--out", default="", help="output folder (default runs/repro-<model>[-<sweep>])")
+    ap.add_argument("--train-args", default="", help="extra train.py flags for every row, e.g. '--lr 1e-3'")
+    args = ap.parse_args(argv)
+
+    if args.sweep:
+        rows = sweep_rows(args.sweep)
+    else:
+        known = {r[0]: r for r in ROWS[args.model]}
+        names = args.rows or DEFAULT_ROWS[args.model]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            sys.exit(f"error: unknown row(s) {unknown} for --model {args.model}: choose from {sorted(known)}")
+        rows = [known[n] for n in names]
+    out = args.out or f"runs/repro-{args.model}" + (f"-{args.sweep}" if args.sweep else "")
+    os.makedirs(out, exist_ok=True)
+    common = ["--preset", PRESET[args.model], "--seed", str(args.seed), "--quiet"]
+    if args.steps:
+        common += ["--steps", str(args.steps)]
+    common += args.train_args.split()
+
+    results = []
+    t_start = time.time()
+    for name, desc, flags in rows:
+        run = os.path.join(out, name)
+        t0 = time.time()
+        if not os.path.exists(os.path.join(run, "ptq.json")):
+            if os.path.exists(os.path.join(run, "ckpt.pt")):
+                ck = train.load_checkpoint(run)
+                if ck["step"] < ck["train_config"]["steps"]:
+                    train.main(["--resume", run, "--quiet"])
+            else:
+                print(f"== {name}: {desc}", flush=True)
+                train.main(common + flags + ["--out", run])
+            eval_ptq.main([run, "--bits", *args.bits, "--seeds", *map(str, range(args.ptq_seeds)), "--quiet",
+                           "--analysis", "--label", desc])
+        with open(os.path.join(run, "ptq.json")) as f:
+            r = json.load(f)
+        r["row"], r["minutes"] = name, (time.time() - t0) / 60
+        results.append(r)
+        write_outputs(out, results, time.time() - t_start)
+    print(open(os.path.join(out, "table.md")).read())
+
+
+def nonzero_share(r):
+    """Share of non-zero attention probabilities over all layers and heads (clipped softmax leaves exact zeros)."""
+    zeros = [z for layer in r.get("analysis", {}).get("layers", []) for z in layer["attn_zero_fraction"]]
+    return 1.0 - sum(zeros) / len(zeros) if zeros else float("nan")
+
+
+def write_outputs(out, results, seconds):
+    arch = results[0]["arch"]
+    m = "acc" if arch == "vit" else "ppl"
+    bits = list(results[0]["ptq"])
+    head = ["Method", f"FP {m}", "Max inf. norm", "Avg. kurtosis"] + [f"{b} {m}" for b in bits] + \
+           [f"{b} gap" for b in bits] + ["non-zero attn. probs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        fp = r["fp"]["val_" + m]
+        gaps = []
+        for b in bits:
+            q = r["ptq"][b]["mean"]
+            gaps.append(f"{(q / fp - 1) * 100:+.1f}%" if m == "ppl" else f"{q - fp:+.2f}")
+        cells = [r["label"], f"{fp:.2f}", f"{r['fp']['max_inf_norm']:.1f}", f"{r['fp']['avg_kurtosis']:.1f}"]
+        cells += [f"{r['ptq'][b]['mean']:.2f} ± {r['ptq'][b]['std']:.2f}" for b in bits] + gaps
+        cells += [f"{100 * nonzero_share(r):.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{len(results)} rows in {seconds / 60:.1f} min "
+                 f"({', '.join(f'{r['row']} {r['minutes']:.1f}' for r in results)} min).")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""eval_ptq.py end to end on tiny trained BERT / OPT / ViT run folders: ptq.json and ptq.md, W16A16 ~ FP, the FP
+model untouched by PTQ, the section-3 analysis, and one clear error per bad input.
+
+The runs are trained here with train.main (1 layer, d_model 32, T 16, a generated text file, 512 built-in images,
+CPU, one thread); eval_ptq.main(argv) returns the result it writes to ptq.json.
+"""
+
+import functools
+import inspect
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+import data
+import eval_ptq
+import quant
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the cat dog sat on a mat and ran to house with big small red blue tree under over near far quick slow "
+         "bird sang while it was raining in spring").split()
+_load_image_data = data.load_image_data
+
+
+@functools.lru_cache(maxsize=None)
+def _small_images(*args):
+    return _load_image_data(*args)
+
+
+def small_image_data(*args, **kwargs):
+    """data.load_image_data with 512 / 128 built-in images (made once); its signature is enforced."""
+    bound = inspect.signature(_load_image_data).bind(*args, **kwargs)
+    bound.apply_defaults()
+    bound.arguments.update(n_train=512, n_valid=128)
+    return _small_images(*bound.args)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("qt-cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_env(cache_dir):
+    """Token caches in a temporary folder, 512 built-in training images, one thread (see test_train.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data, "DEFAULT_CACHE_DIR", cache_dir)
+        m.setattr(data, "load_image_data", small_image_data)
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    r = random.Random(0)
+    lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 14))).capitalize() + ", "
+             + " ".join(r.choice(WORDS) for _ in range(3)) + "." for _ in range(600)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_tiny(root, corpus, arch, *extra):
+    out = root / f"{arch}-run"
+    shape = (["--image-size", "16", "--patch-size", "4"] if arch == "vit" else
+             ["--max-seq-len", "16", "--vocab-size", "128", "--data", str(corpus)])
+    train.main(["--preset", f"{arch}-small", "--n-layers", "1", "--n-heads", "2", "--d-model", "32", "--d-ff", "64",
+                *shape, "--device", "cpu", "--quiet", "--batch-size", "8", "--steps", "10", "--warmup-steps", "2",
+                "--lr", "3e-3", "--eval-batches", "4", "--eval-batch-size", "8", "--out", str(out),
+                *[str(e) for e in extra]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
+    """One tiny trained run folder per architecture, each with another attention variant (never modified)."""
+    root = tmp_path_factory.mktemp("runs")
+    return {"bert": train_tiny(root, corpus, "bert", "--attn-mode", "gated"),
+            "opt": train_tiny(root, corpus, "opt", "--attn-mode", "clipped", "--clip-alpha", "4"),
+            "vit": train_tiny(root, corpus, "vit")}
+
+
+class Spy:
+    """Records the FP model eval_ptq builds (with a copy of its weights) and every PTQ evaluation it runs."""
+
+    def __init__(self, monkeypatch):
+        self.model, self.before, self.ptq = None, None, []
+        build, run = eval_ptq.model_from_checkpoint, eval_ptq.run_ptq
+
+        def model_from_checkpoint(ck):
+            self.model, cfg = build(ck)
+            self.before = {k: v.clone() for k, v in self.model.state_dict().items()}
+            return self.model, cfg
+
+        def run_ptq(model, task, qcfg, seed, *a, **kw):
+            r = run(model, task, qcfg, seed, *a, **kw)
+            self.ptq.append((f"W{qcfg.weight_bits}A{qcfg.act_bits}", seed, r))
+            return r
+
+        monkeypatch.setattr(eval_ptq, "model_from_checkpoint", model_from_checkpoint)
+        monkeypatch.setattr(eval_ptq, "run_ptq", run_ptq)
+
+
+def check_fp_model_untouched(spy, run):
+    """Same weights, same module tree (no quantizers, parametrizations or hooks), same ckpt.pt on disk."""
+    after = spy.model.state_dict()
+    assert after.keys() == spy.before.keys()
+    for k in after:
+        assert torch.equal(after[k], spy.before[k]), k
+    ck = train.load_checkpoint(str(run))
+    for k, v in ck["model"].items():
+        assert torch.equal(after[k], v), k
+    for name, m in spy.model.named_modules():
+        assert not isinstance(m, (quant.ActQuantizer, quant.WeightQuantizer)), name
+        assert not parametrize.is_parametrized(m), name
+        assert not m._forward_hooks and not m._forward_pre_hooks, name
+
+
+@pytest.mark.parametrize("arch", ["bert", "opt", "vit"])
+def test_ptq_end_to_end(runs, arch, tmp_path, monkeypatch, capsys):
+    run = runs[arch]
+    spy = Spy(monkeypatch)
+    seeds = ["0", "1"] if arch == "bert" else ["0"]
+    out = tmp_path / "ptq"  # --out keeps the shared run folder unchanged
+    res = eval_ptq.main([str(run), "--bits", "W8A8", "W16A16", "--seeds", *seeds, "--quiet", "--analysis",
+                         "--device", "cpu", "--calib-batches", "4", "--out", str(out)])
+    m = "acc" if arch == "vit" else "ppl"
+
+    # ptq.json holds what main returned; ptq.md has the paper's Table 2 columns and one row
+    assert json.loads((out / "ptq.json").read_text()) == json.loads(json.dumps(res))
+    head, rule, row = (out / "ptq.md").read_text().splitlines()
+    unit = "acc. (%)" if arch == "vit" else "ppl."
+    assert head == f"| Method | FP {unit} | Max inf. norm | Avg. kurtosis | W8A8 {unit} | W16A16 {unit} |"
+    assert rule == "|---|---|---|---|---|---|"
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and cells[0] == res["label"] and cells[1] == f"{res['fp']['val_' + m]:.2f}"
+    assert res["label"].startswith({"bert": "gated attention", "opt": "clipped softmax (alpha=4",
+                                    "vit": "vanilla softmax"}[arch])
+    assert not (run / "ptq.json").exists()
+
+    # the FP evaluation is train.py's: the same numbers as the training run's last eval
+    fp = res["fp"]
+    last = train.load_checkpoint(str(run))["metrics"]
+    for k in ("val_loss", "val_" + m, "max_inf_norm/ffn_out", "kurtosis/ffn_out"):
+        assert fp[k] == pytest.approx(last[k], rel=1e-6), k
+    assert fp["max_inf_norm"] >= fp["max_inf_norm/ffn_out"] and fp["avg_kurtosis"] > 0
+
+    # every (bits, seed) ran; 16 bits is FP to well within 1%; the reported means are the runs' means
+    assert sorted((b, s) for b, s, _ in spy.ptq) == sorted((b, int(s)) for b in ("W8A8", "W16A16") for s in seeds)
+    for b, s, r in spy.ptq:
+        assert torch.isfinite(torch.tensor(r["val_loss"])), (b, s)
+        if b == "W16A16":
+            assert r["val_loss"] == pytest.approx(fp["val_loss"], rel=1e-2)
+    if arch != "vit":
+        assert res["ptq"]["W16A16"]["mean"] == pytest.approx(fp["val_ppl"], rel=1e-2)
+    for b in ("W8A8", "W16A16"):
+        vals = [r["val_" + m] for bb, _, r in spy.ptq if bb == b]
+        assert res["ptq"][b]["values"] == vals and res["ptq"][b]["mean"] == pytest.approx(sum(vals) / len(vals))
+        assert (res["ptq"][b]["std"] > 0) == (len(set(vals)) > 1)
+
+    check_fp_model_untouched(spy, run)
+
+    # the section-3 analysis: one entry per layer, attention statistics per head
+    an = res["analysis"]
+    assert len(an["layers"]) == 1
+    layer = an["layers"][0]
+    assert len(layer["attn_mass_first_token"]) == 2 and len(layer["attn_zero_fraction"]) == 2
+    assert all(0 <= v <= 1 for v in layer["attn_mass_first_token"] + layer["attn_zero_fraction"])
+    assert (layer["gate_mean"] is not None) == (arch == "bert")
+    assert (layer["attn_mass_delimiters"] is None) == (arch == "vit")
+    if arch == "opt":  # clipped softmax puts exact zeros in the attention probabilities
+        assert max(layer["attn_zero_fraction"]) > 0
+    printed = capsys.readouterr().out
+    assert "FP32:" in printed and "W8A8:" in printed and "W16A16:" in printed and "Outlier analysis" in printed
+
+
+def test_default_out_is_the_run_folder_and_a_checkpoint_file_works(runs, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in runs["opt"].iterdir():
+        (run / p.name).write_bytes(p.read_bytes())
+    res = eval_ptq.main([str(run / "ckpt.pt"), "--seeds", "3", "--quiet", "--device", "cpu", "--calib-batches", "2",
+                         "--label", "my row"])
+    assert list(res["ptq"]) == ["W8A8"] and res["seeds"] == [3]
+    assert (run / "ptq.json").exists()
+    assert (run / "ptq.md").read_text().splitlines()[2].startswith("| my row |")
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        eval_ptq.main([str(tmp_path / "nope"), "--quiet"])
+    assert isinstance(e.value.code, str) and "no checkpoint at" in e.value.code and "nope" in e.value.code
+
+
+def test_damaged_checkpoint_and_missing_vocab(runs, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes((runs["bert"] / "ckpt.pt").read_bytes())
+    with pytest.raises(SystemExit) as e:  # no vocab.txt next to a text model's checkpoint
+        eval_ptq.main([str(run), "--quiet"])
+    assert "vocab.txt" in e.value.code
+    (run / "ckpt.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(SystemExit) as e:
+        eval_ptq.main([str(run), "--quiet"])
+    assert "ckpt.pt" in e.value.code and "not a readable checkpoint" in e.value.code
+
+
+@pytest.mark.parametrize("bits", ["W8", "8A8", "X8A8", "W8A8A8", "W1A8", "W8A17", "WxAy"])
+def test_malformed_bits(bits, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_ptq.main(["unused", "--bits", bits])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--bits" in err and "W8A8" in err
+
+
+def test_parse_bits():
+    assert eval_ptq.parse_bits("W8A8") == (8, 8) and eval_ptq.parse_bits("w4a16") == (4, 16)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--calib-batches", "0"], "--calib-batches 0"),
+    (["--eval-batches", "-1"], "--eval-batches -1"),
+    (["--eval-batch-size", "-8"], "--eval-batch-size -8"),
+    (["--device", "tpu"], "--device tpu"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
+def test_bad_options_one_clear_error(runs, tmp_path, extra, needle):
+    with pytest.raises(SystemExit) as e:
+        eval_ptq.main([str(runs["bert"]), "--quiet", "--out", str(tmp_path / "ptq"), *extra])
+    assert isinstance(e.value.code, str) and needle in e.value.code, e.value.code
+    assert not (tmp_path / "ptq").exists()
+
+
+def test_help_lists_the_options():
+    p = subprocess.run([sys.executable, os.path.join(REPO, "eval_ptq.py"), "--help"], cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    for flag in ("--bits", "--seeds", "--calib-batches", "--weight-estimator", "--act-estimator", "--analysis",
+                 "--out"):
+        assert flag in p.stdout, flag
