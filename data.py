@@ -46,7 +46,10 @@ vocab.txt (30,522 tokens, for a WikiText-103 reproduction), or builds a vocabula
 BERT's pretrained WordPiece vocabulary (BERT) and GPT-2's byte-level BPE (OPT). Our built vocabulary is
 word-level with a character fallback (specials, every character seen in both forms "c" and "##c", then the most
 frequent whole words); no subword merges are learned. That is an intentional simplification; byte-level BPE is not
-reproduced, and the OPT runs use the same WordPiece tokens.
+reproduced by `build`, and the OPT runs trained here use the same WordPiece tokens. `ByteLevelBPETokenizer` is
+GPT-2's byte-level BPE, loaded from a pretrained model's vocab.json + merges.txt (OPT, GPT-2), for evaluating
+imported checkpoints (hf_checkpoint.py); `load_tokenizer(path)` loads either kind from a file or folder, and every
+`tokenizer=` argument below accepts what it accepts.
 
 Batching (the authors' run_mlm.py / run_clm.py, i.e. HuggingFace `tokenizer(...)` + `group_texts`): every
 document (a line of WikiText, a paragraph of the built-in text) is tokenised as [CLS] tokens [SEP], all documents are
@@ -54,7 +57,9 @@ concatenated into one token stream per split (a uint16/uint32 memmap cached on d
 consecutive sequences of length T; the remainder is dropped. Sequences therefore do not start with [CLS] in general,
 and [SEP]/[CLS] appear wherever documents meet, exactly as in the authors' pipeline. There is no padding, so
 `attention_mask` is always all True (kept for a uniform interface). For causal LM, [CLS] plays the part of OPT's
-beginning-of-sequence token and [SEP] of its end-of-sequence token.
+beginning-of-sequence token and [SEP] of its end-of-sequence token. A tokenizer whose begin and end of document are
+one token (OPT's and GPT-2's byte-level BPE: "</s>", "<|endoftext|>") puts one between documents, not two:
+</s> doc </s> doc ..., which is what OPT's own tokenizer gives per document.
 
 Causal LM shift is done HERE, on the data side: sequence i is the window stream[i*T : i*T + T + 1], `input_ids` is
 its first T tokens and `labels` its last T tokens, so labels[:, t] is the token that follows input_ids[:, t]. The
@@ -112,7 +117,8 @@ from tqdm import tqdm
 
 __all__ = [
     "DataError", "make_generator", "batch_indices", "shard",
-    "WordPieceTokenizer", "SPECIAL_TOKENS",
+    "WordPieceTokenizer", "SPECIAL_TOKENS", "ByteLevelBPETokenizer", "bytes_to_unicode", "gpt2_pretokenizer",
+    "load_tokenizer",
     "builtin_text", "find_wikitext", "TokenDataset", "mlm_mask", "TextData", "load_text_data",
     "read_cifar10", "builtin_images", "random_crop_flip_params", "crop_flip", "random_crop_flip", "resize",
     "normalize", "ImageData", "load_image_data",
@@ -437,6 +443,392 @@ class WordPieceTokenizer:
             else:
                 out.append(tok)
         return " ".join(out)
+
+
+# -- byte-level BPE (GPT-2 / OPT), loaded from a Hugging Face folder -----------------------------------------------
+
+BPE_FORMAT = "byte-level-bpe-v1"  # first field of the one-file form ByteLevelBPETokenizer.save writes
+_UNICODE_WHITE_SPACE = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028,
+                        0x2029, 0x202F, 0x205F, 0x3000)  # the Unicode White_Space property (what \s means in GPT-2)
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters: the 188 bytes that are printable
+    Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves; the other 68 (controls, space, DEL,
+    NBSP, soft hyphen) become chr(256), chr(257), ... in byte order. So a space is 'Ġ' (chr(288)), a newline 'Ċ'."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _char_class(code_points: Iterable[int]) -> str:
+    """The inside of a regex [...] matching exactly `code_points`, as \\U escapes, consecutive runs as ranges."""
+    out, cps = [], sorted(code_points)
+    i = 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        out.append(f"\\U{cps[i]:08x}" + (f"-\\U{cps[j]:08x}" if j > i else ""))
+        i = j + 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_pretokenizer() -> re.Pattern:
+    """GPT-2's pre-tokenisation regex, written for Python's `re`:
+
+        's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+
+    `re` has no \\p{...}, so the classes are built from Python's own Unicode database once per process (about
+    0.5 s): letters = every code point of category L* (exactly the characters with str.isalpha()), numbers =
+    category N*, white space = the Unicode White_Space property (what the `regex` module's \\s means; Python's
+    \\s would add the separators U+001C..U+001F). The classes are exact for the Unicode version of the running
+    Python; the original `regex`-module pattern may differ only on characters assigned in a newer Unicode version.
+    The contractions are case-sensitive, as in GPT-2.
+    """
+    letters, numbers = [], []
+    for cp in range(sys.maxunicode + 1):
+        ch = chr(cp)
+        if ch.isalpha():
+            letters.append(cp)
+        elif unicodedata.category(ch)[0] == "N":
+            numbers.append(cp)
+    L, N, S = _char_class(letters), _char_class(numbers), _char_class(_UNICODE_WHITE_SPACE)
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+def _read_json(path: Path, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"expected {what} at {path}, found nothing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: expected {what} (UTF-8 JSON), found invalid content ({e})") from e
+
+
+def _token_content(value) -> str | None:
+    """A special token as Hugging Face stores it: a string, {"content": ...} (an AddedToken) or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+class ByteLevelBPETokenizer:
+    """GPT-2's byte-level BPE (OPT uses GPT-2's vocabulary and merges), offline, from vocab.json + merges.txt.
+
+    encode(text):
+      1. special tokens written literally in the text ("</s>") are split out first and map to their ids, as the
+         Hugging Face tokenizers do;
+      2. the rest is cut into pieces by GPT-2's pre-tokenisation regex (`gpt2_pretokenizer`, which documents how
+         \\p{L} / \\p{N} are written for Python's `re`); with add_prefix_space a space is put in front of the text;
+      3. each piece's UTF-8 bytes are spelled with GPT-2's byte alphabet (`bytes_to_unicode`) and merged pairwise:
+         repeatedly the adjacent pair with the lowest rank in merges.txt, every occurrence left to right, until no
+         pair of the piece has a rank. Each resulting symbol is one vocabulary entry (unk_id if it is missing).
+      encode() adds no begin/end-of-document token; the data pipeline does (see cls_id / sep_id).
+
+    decode(ids) maps the symbols back to bytes and decodes UTF-8, so decode(encode(text)) == text for every text
+    when the vocabulary holds all 256 byte symbols (GPT-2's and OPT's do), special tokens dropped unless
+    skip_special=False.
+
+    Special tokens come from the folder's special_tokens_map.json / tokenizer_config.json (bos, eos, unk, pad,
+    mask, additional_special_tokens, and the entries of added_tokens_decoder marked special); without those files,
+    OPT's conventions if the vocabulary has "</s>" (bos = eos = "</s>", pad "<pad>", unk "<unk>") or GPT-2's if it
+    has "<|endoftext|>". Every special token must be in vocab.json, whose ids must be 0 .. n-1.
+
+    The interface data.py needs (the same as WordPieceTokenizer's): cls_id / sep_id are the begin / end of
+    document tokens the CLM pipeline puts around documents: bos and eos (both "</s>" = 2 for OPT, so a single
+    "</s>" separates documents, as in OPT's pre-training); pad_id (eos if there is no pad token), unk_id and mask_id
+    (None when absent: MLM needs a mask token), special_ids, delimiter_ids, vocab (id -> token), vocab_size,
+    hash(), save(path) / load(path) as one JSON file (what a run folder's vocab.txt holds; `load_tokenizer` tells
+    the two kinds of vocab.txt apart).
+    """
+
+    def __init__(self, vocab: Sequence[str], merges: Sequence[tuple[str, str]], special_tokens: dict | None = None,
+                 add_prefix_space: bool = False, add_bos_token: bool = False):
+        self.vocab: list[str] = list(vocab)
+        self.token_to_id: dict[str, int] = {}
+        for i, tok in enumerate(self.vocab):
+            if not isinstance(tok, str) or not tok:
+                raise DataError(f"vocabulary entry {i}: expected a non-empty string, found {tok!r}")
+            if tok in self.token_to_id:
+                raise DataError(f"vocabulary entry {i}: duplicate token {tok!r} (first at id {self.token_to_id[tok]})")
+            self.token_to_id[tok] = i
+        self.merges: list[tuple[str, str]] = [tuple(m) for m in merges]
+        for n, (a, b) in enumerate(self.merges, 1):
+            for t in (a, b, a + b):
+                if t not in self.token_to_id:
+                    raise DataError(f"merge {n} ({a!r} {b!r}): {t!r} is not in the vocabulary")
+        self.ranks: dict[tuple[str, str], int] = {m: r for r, m in reversed(list(enumerate(self.merges)))}
+        self.add_prefix_space = bool(add_prefix_space)
+        self.add_bos_token = bool(add_bos_token)  # recorded for export only: the data pipeline adds cls_id itself
+        self.special_tokens = self._resolve_specials(special_tokens)
+        ids = {k: self.token_to_id[v] for k, v in self.special_tokens.items() if isinstance(v, str)}
+        self.bos_id, self.eos_id = ids.get("bos_token"), ids.get("eos_token")
+        if self.bos_id is None and self.eos_id is None:
+            raise DataError("the tokenizer has neither a bos_token nor an eos_token: the data pipeline needs one to "
+                            "mark where documents begin and end")
+        self.cls_id = self.bos_id if self.bos_id is not None else self.eos_id  # begin of document
+        self.sep_id = self.eos_id if self.eos_id is not None else self.bos_id  # end of document
+        self.pad_id = ids.get("pad_token", self.sep_id)
+        self.unk_id, self.mask_id = ids.get("unk_token"), ids.get("mask_token")
+        extra = self.special_tokens.get("additional_special_tokens", [])
+        specials = set(ids.values()) | {self.token_to_id[t] for t in extra}
+        self.special_ids: tuple[int, ...] = tuple(sorted(specials))
+        by_length = sorted((self.vocab[i] for i in self.special_ids), key=lambda t: (-len(t), t))
+        self._special_split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+        self._byte_encoder = bytes_to_unicode()
+        self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache_limit = 2_000_000
+
+    def _resolve_specials(self, given: dict | None) -> dict:
+        if given is None:  # no files: the conventions of OPT or GPT-2
+            if "</s>" in self.token_to_id:
+                given = {"bos_token": "</s>", "eos_token": "</s>"}
+                given.update({k: t for k, t in (("pad_token", "<pad>"), ("unk_token", "<unk>"),
+                                                ("mask_token", "<mask>")) if t in self.token_to_id})
+            elif "<|endoftext|>" in self.token_to_id:
+                given = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
+            else:
+                raise DataError("no special tokens given and the vocabulary has neither '</s>' (OPT) nor "
+                                "'<|endoftext|>' (GPT-2): add a special_tokens_map.json")
+        out: dict = {}
+        for k in _SPECIAL_KEYS:
+            t = _token_content(given.get(k))
+            if t is not None:
+                out[k] = t
+        extra = [_token_content(t) for t in given.get("additional_special_tokens") or []]
+        if any(t is None for t in extra):
+            raise DataError(f"additional_special_tokens must be strings, found {given['additional_special_tokens']!r}")
+        if extra:
+            out["additional_special_tokens"] = list(dict.fromkeys(extra))
+        for t in [v for k, v in out.items() if k != "additional_special_tokens"] + extra:
+            if t not in self.token_to_id:
+                raise DataError(f"special token {t!r} is not in the vocabulary (vocab.json)")
+        return out
+
+    # -- construction ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike | None = None,
+                   special_tokens: dict | None = None, add_prefix_space: bool | None = None) -> "ByteLevelBPETokenizer":
+        """Load Hugging Face's vocab.json (token -> id) and merges.txt ("a b" per line, by rank; a "#version"
+        first line is skipped). merges_txt defaults to merges.txt beside vocab.json. Special tokens and
+        add_prefix_space, unless given, come from special_tokens_map.json and tokenizer_config.json in the same
+        folder (the map wins where both name a token)."""
+        vocab_json = Path(vocab_json)
+        merges_txt = Path(merges_txt) if merges_txt is not None else vocab_json.with_name("merges.txt")
+        table = _read_json(vocab_json, "a byte-level BPE vocab.json (token -> id)")
+        if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+            raise DataError(f"{vocab_json}: expected a JSON object mapping tokens to integer ids")
+        ids = sorted(table.values())
+        if ids != list(range(len(ids))):
+            gap = next(i for i, v in enumerate(ids) if v != i)
+            raise DataError(f"{vocab_json}: expected the ids 0 .. {len(ids) - 1} once each, id {gap} is "
+                            f"{'duplicated' if gap in table.values() else 'missing'}")
+        vocab = [""] * len(table)
+        for tok, i in table.items():
+            vocab[i] = tok
+        if not merges_txt.is_file():
+            raise DataError(f"expected the BPE merges file {merges_txt} next to {vocab_json.name}, found nothing")
+        merges = []
+        with open(merges_txt, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if (n == 1 and line.startswith("#version")) or not line.strip():
+                    continue
+                parts = line.split(" ")
+                if len(parts) != 2 or not all(parts):
+                    raise DataError(f"{merges_txt} line {n}: expected two symbols separated by one space, "
+                                    f"found {line!r}")
+                merges.append((parts[0], parts[1]))
+        folder = vocab_json.parent
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = _read_json(folder / "tokenizer_config.json", "a tokenizer_config.json")
+        if special_tokens is None:
+            found = {k: config[k] for k in (*_SPECIAL_KEYS, "additional_special_tokens") if k in config}
+            added = config.get("added_tokens_decoder") or {}
+            extra = [_token_content(v) for v in added.values() if isinstance(v, dict) and v.get("special")]
+            if (folder / "special_tokens_map.json").is_file():
+                found.update(_read_json(folder / "special_tokens_map.json", "a special_tokens_map.json"))
+            known = {_token_content(v) for k, v in found.items() if k != "additional_special_tokens"}
+            extra = [t for t in extra if t and t not in known]
+            if extra:
+                found["additional_special_tokens"] = list(found.get("additional_special_tokens") or []) + extra
+            special_tokens = found or None
+        if add_prefix_space is None:
+            add_prefix_space = bool(config.get("add_prefix_space", False))
+        try:
+            return cls(vocab, merges, special_tokens, add_prefix_space, bool(config.get("add_bos_token", False)))
+        except DataError as e:
+            raise DataError(f"{folder}: {e}") from e
+
+    @classmethod
+    def is_saved_file(cls, path: str | os.PathLike) -> bool:
+        """True if `path` is a file written by save() (it starts with {"format": "byte-level-bpe-v1")."""
+        head = f'{{"format": "{BPE_FORMAT}"'.encode()
+        try:
+            with open(path, "rb") as f:
+                return f.read(len(head)) == head
+        except OSError:
+            return False
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ByteLevelBPETokenizer":
+        """Load the one-file form written by save()."""
+        d = _read_json(Path(path), "a byte-level BPE tokenizer file")
+        if not isinstance(d, dict) or d.get("format") != BPE_FORMAT:
+            raise DataError(f"{path}: expected a tokenizer file with format {BPE_FORMAT!r}")
+        try:
+            merges = [tuple(m.split(" ")) for m in d["merges"]]
+            return cls(d["vocab"], merges, d["special_tokens"], d.get("add_prefix_space", False),
+                       d.get("add_bos_token", False))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: malformed byte-level BPE tokenizer file ({type(e).__name__}: {e})") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole tokenizer as one UTF-8 JSON file, atomically (a run folder keeps it as vocab.txt)."""
+        d = {"format": BPE_FORMAT, "add_prefix_space": self.add_prefix_space, "add_bos_token": self.add_bos_token,
+             "special_tokens": self.special_tokens, "vocab": self.vocab, "merges": [f"{a} {b}" for a, b in self.merges]}
+        _atomic_write_bytes(Path(path), (json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    # -- properties ------------------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def delimiter_ids(self) -> tuple[int, ...]:
+        """The paper's delimiter tokens (section 3): the end-of-document token and '.' / ',' (also with GPT-2's
+        leading-space marker 'Ġ')."""
+        found = [self.token_to_id.get(t) for t in (".", ",", "Ġ.", "Ġ,")]
+        return tuple(dict.fromkeys([self.sep_id] + [i for i in found if i is not None]))
+
+    def hash(self) -> str:
+        """A short hex digest of everything that decides the encoding; used in cache keys."""
+        h = hashlib.sha256(f"{BPE_FORMAT}|{self.add_prefix_space}|".encode())
+        h.update(json.dumps([self.special_tokens, self.vocab, self.merges], ensure_ascii=False).encode("utf-8"))
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"ByteLevelBPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, hash={self.hash()})"
+
+    # -- encoding --------------------------------------------------------------------------------------------------
+
+    def _bpe(self, symbols: list[str]) -> list[str]:
+        """Merge the adjacent pair of lowest rank (all its occurrences, left to right) until no pair has a rank."""
+        ranks = self.ranks
+        while len(symbols) > 1:
+            pairs = [ranks.get(p, -1) for p in zip(symbols, symbols[1:])]
+            best = min((r for r in pairs if r >= 0), default=None)
+            if best is None:
+                break
+            a, b = self.merges[best]
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        ids = []
+        for sym in self._bpe([self._byte_encoder[b] for b in piece.encode("utf-8")]):
+            i = self.token_to_id.get(sym, self.unk_id)
+            if i is None:
+                raise DataError(f"symbol {sym!r} is not in the vocabulary and the tokenizer has no unk_token")
+            ids.append(i)
+        return tuple(ids)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no begin/end-of-document token added)."""
+        if self.add_prefix_space and text and not text[0].isspace():
+            text = " " + text
+        pattern, cache = gpt2_pretokenizer(), self._cache
+        ids: list[int] = []
+        for k, chunk in enumerate(self._special_split.split(text)):
+            if k % 2:  # a special token written in the text
+                ids.append(self.token_to_id[chunk])
+                continue
+            for piece in pattern.findall(chunk):
+                enc = cache.get(piece)
+                if enc is None:
+                    enc = self._encode_piece(piece)
+                    if len(cache) < self._cache_limit:
+                        cache[piece] = enc
+                ids.extend(enc)
+        return ids
+
+    def tokenize(self, text: str) -> list[str]:
+        """The token strings of `text`, e.g. "Hello world" -> ["Hello", "Ġworld"] with GPT-2's vocabulary."""
+        return [self.vocab[i] for i in self.encode(text)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of token ids: the symbols' bytes decoded as UTF-8 (invalid sequences become U+FFFD)."""
+        special = set(self.special_ids)
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if i in special:
+                if not skip_special:
+                    out += self.vocab[i].encode("utf-8")
+                continue
+            for c in self.vocab[i]:
+                b = self._byte_decoder.get(c)
+                out += bytes([b]) if b is not None else c.encode("utf-8")
+        return out.decode("utf-8", errors="replace")
+
+
+def _lowercase_from_config(folder: Path) -> bool | None:
+    """do_lower_case of a Hugging Face tokenizer_config.json in `folder`, or None if it has none."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    value = _read_json(path, "a tokenizer_config.json").get("do_lower_case")
+    return value if isinstance(value, bool) else None
+
+
+def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None):
+    """A tokenizer from a path, WordPiece or byte-level BPE, decided by what the path holds:
+
+        a folder            its vocab.txt if it has one (then as below), else its vocab.json + merges.txt (BPE)
+        a *.json file       a Hugging Face vocab.json, with merges.txt beside it (BPE)
+        a file written by ByteLevelBPETokenizer.save (a BPE run folder's vocab.txt)
+        any other file      a WordPiece vocab.txt; lower-casing from `lowercase`, else from the do_lower_case of a
+                            tokenizer_config.json beside it (a Hugging Face BERT folder), else inferred
+                            (WordPieceTokenizer.load)
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "vocab.txt").is_file():
+            p = p / "vocab.txt"
+        elif (p / "vocab.json").is_file():
+            return ByteLevelBPETokenizer.from_files(p / "vocab.json", p / "merges.txt")
+        else:
+            raise DataError(f"{p}: expected a tokenizer folder with vocab.txt (WordPiece) or vocab.json and "
+                            f"merges.txt (byte-level BPE), found {_listing(p)}")
+    if p.suffix == ".json":
+        return ByteLevelBPETokenizer.from_files(p)
+    if p.is_file() and ByteLevelBPETokenizer.is_saved_file(p):
+        return ByteLevelBPETokenizer.load(p)
+    if lowercase is None and p.is_file():
+        lowercase = _lowercase_from_config(p.parent)
+    return WordPieceTokenizer.load(p, lowercase=lowercase)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -769,7 +1161,8 @@ def _encode_to_memmap(files: Sequence[_TextFile], tokenizer: WordPieceTokenizer,
                     continue
                 buf.append(tokenizer.cls_id)
                 buf.extend(ids)
-                buf.append(tokenizer.sep_id)
+                if tokenizer.sep_id != tokenizer.cls_id:  # OPT / GPT-2: one "</s>" between documents
+                    buf.append(tokenizer.sep_id)
                 n_docs += 1
                 if len(buf) >= (1 << 20):
                     buf.tofile(out)
@@ -838,6 +1231,9 @@ def mlm_mask(input_ids: torch.Tensor, tokenizer, generator: torch.Generator,
     input_ids: (B, T) int64. Returns (masked_input_ids (B, T), labels (B, T)) with labels = the original token at
     selected positions and -100 (ignored by cross_entropy) elsewhere.
     """
+    if tokenizer.mask_id is None:
+        raise DataError("masked-LM batches need a mask token, and this tokenizer has none (e.g. OPT's BPE): use "
+                        "causal-LM batches")
     special = torch.tensor(sorted(set(tokenizer.special_ids)), dtype=input_ids.dtype)
     prob = torch.full(input_ids.shape, float(p))
     prob[torch.isin(input_ids, special)] = 0.0
@@ -965,14 +1361,18 @@ def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, l
     return f"wikitext-{path.name}", splits
 
 
-def load_text_data(source: str = "builtin", tokenizer: WordPieceTokenizer | str | os.PathLike | None = None,
+def load_text_data(source: str = "builtin",
+                   tokenizer: WordPieceTokenizer | ByteLevelBPETokenizer | str | os.PathLike | None = None,
                    vocab_size: int = 8192, seq_len: int = 128, cache_dir: str | os.PathLike | None = None,
                    lowercase: bool = True) -> TextData:
     """Load (and cache) a text source as token streams.
 
     source: "builtin" | "wikitext-103:DIR" | "wikitext-2:DIR" | a folder | a UTF-8 text file (see module docstring).
-    tokenizer: a WordPieceTokenizer, a path to a vocab.txt (e.g. BERT's), or None to build one of `vocab_size`
-        tokens from the train split (cached as cache_dir/vocab-*.txt; save it next to checkpoints).
+    tokenizer: a tokenizer object (WordPieceTokenizer, ByteLevelBPETokenizer, or anything with their interface:
+        encode, vocab_size, vocab, pad/unk/cls/sep/mask ids, special_ids, delimiter_ids, hash, save), a path that
+        `load_tokenizer` understands (a vocab.txt such as BERT's, a run folder's vocab.txt, a folder holding
+        vocab.json + merges.txt such as OPT's), or None to build a WordPiece vocabulary of `vocab_size` tokens from
+        the train split (cached as cache_dir/vocab-*.txt; save it next to checkpoints).
     lowercase: BERT-uncased style lower-casing for a built vocabulary (a loaded vocab.txt infers it, see
         WordPieceTokenizer.load).
     cache_dir: where token memmaps and built vocabularies live (default $QT_DATA_CACHE or
@@ -991,8 +1391,8 @@ def load_text_data(source: str = "builtin", tokenizer: WordPieceTokenizer | str 
             tokenizer = WordPieceTokenizer.build(_iter_documents(splits["train"], desc="building vocabulary"),
                                                  vocab_size, lowercase)
             tokenizer.save(vocab_path)
-    elif not isinstance(tokenizer, WordPieceTokenizer):
-        tokenizer = WordPieceTokenizer.load(tokenizer)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     tokens = {s: _cached_tokens(name, s, files, tokenizer, cache_dir) for s, files in splits.items()}
     return TextData(tokenizer=tokenizer, seq_len=seq_len, tokens=tokens, source=source)
 

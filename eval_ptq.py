@@ -57,15 +57,47 @@ def calibration_steps(seed: int, n: int, pool: int = 1_000_000):
     return torch.randint(0, pool, (n,), generator=g).tolist()
 
 
-def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
-            progress=True):
-    """One PTQ run: quantize a copy, calibrate on `calib_batches` random training batches, evaluate."""
+def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, device, progress=True):
+    """A quantized copy of `model`, calibrated on `calib_batches` random training batches of PTQ seed `seed`."""
     qmodel = Q.quantize_model(model, qcfg).to(device)
     batches = [to_device(task.batch("train", s, calib_batch_size, seed=seed, augment=False), device)
                for s in calibration_steps(seed, calib_batches)]
     Q.calibrate(qmodel, tqdm(batches, desc=f"calibrate seed {seed}", leave=False, disable=not progress),
                 lambda m, b: m(**b))
+    return qmodel
+
+
+def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
+            progress=True):
+    """One PTQ run: quantize a copy, calibrate, evaluate."""
+    qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress)
     return evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+
+
+def quantizer_kind(name: str) -> str:
+    """'blocks.3.attn.attn_probs' -> 'attn.attn_probs'; 'blocks.0.fc2.output_quantizer' -> 'fc2 (output)'."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        parts = parts[2:]
+    if parts[-1] == "output_quantizer":
+        return ".".join(parts[:-1]) + " (output)"
+    return ".".join(parts)
+
+
+def sensitivity(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
+                metric, progress=True) -> dict:
+    """Which activations cost the most: the metric with weights quantized and ONE kind of activation quantizer
+    on (in every layer), all other activations in floating point; plus weights only (W-only)."""
+    qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress)
+    acts = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, Q.ActQuantizer)]
+    kinds = sorted({quantizer_kind(n) for n, _ in acts})
+    out = {}
+    for kind in [None] + kinds:
+        for n, m in acts:
+            m.enabled = kind is not None and quantizer_kind(n) == kind
+        r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=False)
+        out[kind or "weights only"] = r["val_" + metric]
+    return out
 
 
 def metric_name(arch):
@@ -92,6 +124,8 @@ def main(argv=None):
     ap.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: the training run's)")
     ap.add_argument("--eval-batch-size", type=int, default=0, help="validation batch size (0: the run's)")
     ap.add_argument("--analysis", action="store_true", help="also the outlier and attention analysis (section 3)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="also measure, at the last --bits, the cost of each kind of activation quantizer alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--out", default="", help="where to write ptq.json / ptq.md (default: the run folder)")
     ap.add_argument("--label", default="", help="row label for the markdown table (default: the attention mode)")
@@ -162,6 +196,19 @@ def _main(args):
     if args.analysis:
         result["analysis"] = analyse(model, task, eval_bs, eval_batches, device)
         print_analysis(result["analysis"])
+    if args.sensitivity:
+        wb, ab = args.bits[-1]
+        qcfg = Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,
+                             weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
+                             act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
+                             weight_names=("weight", "fc1_weight"))
+        sens = sensitivity(model, task, qcfg, args.seeds[0], args.calib_batches, calib_bs, eval_bs, eval_batches,
+                           device, m, progress)
+        result["sensitivity"] = {"bits": f"W{wb}A{ab}", "seed": args.seeds[0], "metric": sens}
+        print(f"\nSensitivity at W{wb}A{ab} (weights quantized, one kind of activation quantized; FP {m} "
+              f"{fp['val_' + m]:.3f}):")
+        for k, v in sorted(sens.items(), key=lambda kv: -abs(kv[1] - fp["val_" + m])):
+            print(f"  {k:<28} {v:.3f}  ({(v / fp['val_' + m] - 1) * 100:+.2f}%)")
 
     out = args.out or run_dir
     os.makedirs(out, exist_ok=True)

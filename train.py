@@ -80,7 +80,7 @@ RECIPES = {
 }
 # The small presets train on 2 CPU cores in minutes; their settings are this project's, not the paper's.
 SMALL_RECIPES = {
-    "bert-small": replace(RECIPES["bert"], steps=6000, batch_size=16, lr=2e-3, warmup_steps=300, eval_interval=500,
+    "bert-small": replace(RECIPES["bert"], steps=3000, batch_size=16, lr=2e-3, warmup_steps=300, eval_interval=500,
                           eval_batches=20, ckpt_interval=500, log_interval=50),
     "bert-mid": replace(RECIPES["bert"], steps=6000, batch_size=32, lr=1e-3, warmup_steps=500, eval_interval=500,
                         eval_batches=20, ckpt_interval=500),
