@@ -274,18 +274,21 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
         valid = b.get("attention_mask")
         ids = b.get("input_ids")
         is_delim = torch.isin(ids, delim_ids_t) if ids is not None and len(delim_ids) else None
+        is_mask = (ids == tok.mask_id) if ids is not None and getattr(tok, "mask_id", None) is not None else None
         for i in range(L):
             for kind in kinds:
                 x = rec[f"blocks.{i}.{kind}"]  # (B, T, d)
                 mask = Q.outlier_mask(x, n_std)  # (B, T, d)
                 if valid is not None:
                     mask &= valid[..., None]
-                a = acc.setdefault(f"blocks.{i}.{kind}", {"dim": 0, "pos": 0, "n": 0, "delim": 0})
+                a = acc.setdefault(f"blocks.{i}.{kind}", {"dim": 0, "pos": 0, "n": 0, "delim": 0, "mask": 0})
                 a["dim"] = a["dim"] + mask.sum((0, 1)).cpu()
                 a["pos"] = a["pos"] + mask.sum((0, 2)).cpu()
                 a["n"] += int(mask.sum())
                 if is_delim is not None:
                     a["delim"] += int((mask & is_delim[..., None]).sum())
+                if is_mask is not None:
+                    a["mask"] += int((mask & is_mask[..., None]).sum())
             p = rec[f"blocks.{i}.attn_probs"]  # (B, H, T, T)
             h = acc.setdefault(f"blocks.{i}.attn", {"first": 0, "delim": 0, "zeros": 0, "rows": 0, "entries": 0,
                                                      "gate": 0, "gate_n": 0})
@@ -311,7 +314,8 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
             layer[kind] = {"outliers": a["n"],
                            "top_dims": [[int(d), int(dims[d])] for d in order if dims[d] > 0],
                            "per_position": torch.as_tensor(a["pos"]).tolist(),
-                           "share_on_delimiters": (a["delim"] / a["n"]) if (a["n"] and delim_ids) else None}
+                           "share_on_delimiters": (a["delim"] / a["n"]) if (a["n"] and delim_ids) else None,
+                           "share_on_mask_tokens": (a["mask"] / a["n"]) if (a["n"] and task.arch == "bert") else None}
         h = acc[f"blocks.{i}.attn"]
         layer["attn_mass_first_token"] = (torch.as_tensor(h["first"]) / h["rows"]).tolist()
         layer["attn_mass_delimiters"] = (torch.as_tensor(h["delim"]) / h["rows"]).tolist() if delim_ids else None
@@ -325,7 +329,10 @@ def print_analysis(an):
     print(f"\nOutlier analysis (> {an['n_std']:g} sigma), per layer:")
     for layer in an["layers"]:
         f = layer["ffn_out"]
-        share = f" ({100 * f['share_on_delimiters']:.0f}% on delimiters/specials)" if f["share_on_delimiters"] is not None else ""
+        share = f" ({100 * f['share_on_delimiters']:.0f}% on delimiters" if f["share_on_delimiters"] is not None else ""
+        if f.get("share_on_mask_tokens") is not None:
+            share += f", {100 * f['share_on_mask_tokens']:.0f}% on [MASK]"
+        share += ")" if share else ""
         print(f"  layer {layer['layer']}: ffn_out {f['outliers']} outliers{share}, top dims {f['top_dims']}; "
               f"attention on first token per head {[round(v, 2) for v in layer['attn_mass_first_token']]}"
               + (f", on delimiters {[round(v, 2) for v in layer['attn_mass_delimiters']]}"

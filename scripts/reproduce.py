@@ -16,12 +16,12 @@ already holds ptq.json is not run again, so an interrupted reproduction continue
 import argparse
 import json
 import os
+import shlex
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval_ptq  # noqa: E402
-import train  # noqa: E402
+import torch
 
 # The rows of each model's table: (name, description, model flags). The small-scale settings are explained in
 # the README ("Why these settings"): alpha is scaled down for clipped softmax, the paper's alpha = 4 is a row of
@@ -74,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--bits", nargs="+", default=["W8A8", "W8A6"], help="PTQ bit widths")
     ap.add_argument("--ptq-seeds", type=int, default=3, help="PTQ repetitions (calibration seeds)")
     ap.add_argument("--out", default="", help="output folder (default runs/repro-<model>[-<sweep>])")
+    ap.add_argument("--jobs", type=int, default=0, help="rows trained at once (0: 2 on a CPU with >= 2 cores, "
+                                                          "else 1); CPU threads are split between them")
+    ap.add_argument("--plots", action="store_true", help="draw the figures (scripts/figures.py all) at the end")
     ap.add_argument("--train-args", default="", help="extra train.py flags for every row, e.g. '--lr 1e-3'")
     args = ap.parse_args(argv)
 
@@ -93,27 +96,51 @@ def main(argv=None):
         common += ["--steps", str(args.steps)]
     common += args.train_args.split()
 
-    results = []
+    jobs = args.jobs or (2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     t_start = time.time()
-    for name, desc, flags in rows:
-        run = os.path.join(out, name)
-        t0 = time.time()
-        if not os.path.exists(os.path.join(run, "ptq.json")):
-            if os.path.exists(os.path.join(run, "ckpt.pt")):
-                ck = train.load_checkpoint(run)
-                if ck["step"] < ck["train_config"]["steps"]:
-                    train.main(["--resume", run, "--quiet"])
-            else:
-                print(f"== {name}: {desc}", flush=True)
-                train.main(common + flags + ["--out", run])
-            eval_ptq.main([run, "--bits", *args.bits, "--seeds", *map(str, range(args.ptq_seeds)), "--quiet",
-                           "--analysis", "--label", desc])
-        with open(os.path.join(run, "ptq.json")) as f:
-            r = json.load(f)
-        r["row"], r["minutes"] = name, (time.time() - t0) / 60
-        results.append(r)
-        write_outputs(out, results, time.time() - t_start)
+    pending = [(name, desc, flags) for name, desc, flags in rows]
+    running, done = {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, desc, flags = pending.pop(0)
+            run = os.path.join(out, name)
+            if os.path.exists(os.path.join(run, "ptq.json")):
+                done[name] = 0.0
+                continue
+            print(f"== {name}: {desc} ({run})", flush=True)
+            running[name] = (start_row(run, desc, common + flags, args, threads), time.time())
+        for name, (proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                sys.exit(f"error: row {name} failed (exit {proc.returncode}); see {os.path.join(out, name, 'row.log')}")
+            done[name] = (time.time() - t0) / 60
+            print(f"== {name} done in {done[name]:.1f} min", flush=True)
+            write_outputs(out, rows, done, time.time() - t_start)
+        time.sleep(1)
+    write_outputs(out, rows, done, time.time() - t_start)
     print(open(os.path.join(out, "table.md")).read())
+    if args.plots:
+        import figures  # scripts/ is on sys.path when this file runs as a script
+        figures.make_all(out).finish()
+
+
+def start_row(run, desc, train_flags, args, threads):
+    """Train (or resume) one row, then evaluate it, in a child process with `threads` CPU threads."""
+    os.makedirs(run, exist_ok=True)
+    py, here = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(run, "ckpt.pt")):
+        train_cmd = [py, os.path.join(here, "train.py"), "--resume", run, "--quiet"]
+    else:
+        train_cmd = [py, os.path.join(here, "train.py")] + train_flags + ["--out", run]
+    eval_cmd = [py, os.path.join(here, "eval_ptq.py"), run, "--bits", *args.bits, "--seeds",
+                *map(str, range(args.ptq_seeds)), "--quiet", "--analysis", "--label", desc]
+    script = f"{shlex.join(train_cmd)} && {shlex.join(eval_cmd)}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    log = open(os.path.join(run, "row.log"), "a")
+    return subprocess.Popen(["sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def nonzero_share(r):
@@ -122,7 +149,18 @@ def nonzero_share(r):
     return 1.0 - sum(zeros) / len(zeros) if zeros else float("nan")
 
 
-def write_outputs(out, results, seconds):
+def write_outputs(out, rows, done, seconds):
+    """<out>/table.md and <out>/results.json from the rows finished so far, in the order of `rows`."""
+    results = []
+    for name, _, _ in rows:
+        path = os.path.join(out, name, "ptq.json")
+        if name in done and os.path.exists(path):
+            with open(path) as f:
+                r = json.load(f)
+            r["row"], r["minutes"] = name, done[name]
+            results.append(r)
+    if not results:
+        return
     arch = results[0]["arch"]
     m = "acc" if arch == "vit" else "ppl"
     bits = list(results[0]["ptq"])
@@ -140,8 +178,8 @@ def write_outputs(out, results, seconds):
         cells += [f"{100 * nonzero_share(r):.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{len(results)} rows in {seconds / 60:.1f} min "
-                 f"({', '.join(f'{r['row']} {r['minutes']:.1f}' for r in results)} min).")
+    per_row = ", ".join(f"{r['row']} {r['minutes']:.1f}" for r in results)
+    lines.append(f"{len(results)} rows, {seconds / 60:.1f} min wall-clock (per row, train + PTQ: {per_row} min).")
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
