@@ -271,6 +271,10 @@ def check_attention_args(d_model, n_heads, max_seq_len, mode, clip_alpha, clip_g
             bad("clip_gamma", clip_gamma, "must be <= 0 (Eq. 4 stretches softmax to (gamma, zeta) with gamma <= 0)")
         if not clip_zeta >= 1:
             bad("clip_zeta", clip_zeta, "must be >= 1 (Eq. 4 stretches softmax to (gamma, zeta) with zeta >= 1)")
+    if mode != "clipped" and (clip_alpha is not None or clip_gamma is not None or clip_zeta != 1.0):
+        bad("attn_mode", mode, "clip_alpha / clip_gamma / clip_zeta are set but only apply to attn_mode='clipped'")
+    if mode != "gated" and (gate_type != "linear" or gate_hidden != 4 or gate_init != 0.5):
+        bad("attn_mode", mode, "gate_type / gate_hidden / gate_init are set but only apply to attn_mode='gated'")
     if mode == "gated":
         if gate_type not in GATE_TYPES:
             bad("gate_type", gate_type, f"choose one of {GATE_TYPES}")

@@ -20,7 +20,6 @@ values (e.g. `max_inf_norm/ffn_out`) are in the JSON.
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys

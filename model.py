@@ -27,7 +27,6 @@ Outlier metrics: `model(..., record=d)` fills the dict `d` with every block's ac
     blocks.{i}.attn_probs         (B, H, T, T) attention probabilities; blocks.{i}.gate_probs (B, H, T) if gated
 """
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch

@@ -25,7 +25,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -84,10 +84,10 @@ SMALL_RECIPES = {
                           eval_batches=20, ckpt_interval=500, log_interval=50),
     "bert-mid": replace(RECIPES["bert"], steps=6000, batch_size=32, lr=1e-3, warmup_steps=500, eval_interval=500,
                         eval_batches=20, ckpt_interval=500),
-    "opt-small": replace(RECIPES["opt"], steps=5000, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=300,
+    "opt-small": replace(RECIPES["opt"], steps=2000, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=200,
                          eval_interval=500, eval_batches=20, ckpt_interval=500),
-    "vit-small": replace(RECIPES["vit"], data="builtin", steps=4000, batch_size=64, lr=1e-3, min_lr=1e-5,
-                         warmup_steps=300, eval_interval=500, eval_batches=20, ckpt_interval=500),
+    "vit-small": replace(RECIPES["vit"], data="builtin", steps=2000, batch_size=32, lr=1e-3, min_lr=1e-5,
+                         warmup_steps=200, eval_interval=500, eval_batches=20, ckpt_interval=500),
 }
 
 

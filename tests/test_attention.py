@@ -179,6 +179,8 @@ def test_causal_mask_blocks_the_future():
     (dict(mode="gated", gate_init=1.0), "gate_init"),
     (dict(mode="gated", gate_type="conv"), "gate_type"),
     (dict(mode="sparsemax"), "attn_mode"),
+    (dict(mode="softmax", clip_alpha=4.0), "only apply to attn_mode='clipped'"),
+    (dict(mode="clipped", clip_alpha=4.0, gate_init=0.25), "only apply to attn_mode='gated'"),
 ])
 def test_bad_attention_args_raise_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -5,11 +5,8 @@ The runs are trained here with train.main (1 layer, d_model 32, T 16, a generate
 CPU, one thread); eval_ptq.main(argv) returns the result it writes to ptq.json.
 """
 
-import functools
-import inspect
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -21,25 +18,11 @@ import data
 import eval_ptq
 import quant
 import train
+from helpers import small_image_loader, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORDS = ("the cat dog sat on a mat and ran to house with big small red blue tree under over near far quick slow "
-         "bird sang while it was raining in spring").split()
-_load_image_data = data.load_image_data
-
-
-@functools.lru_cache(maxsize=None)
-def _small_images(*args):
-    return _load_image_data(*args)
-
-
-def small_image_data(*args, **kwargs):
-    """data.load_image_data with 512 / 128 built-in images (made once); its signature is enforced."""
-    bound = inspect.signature(_load_image_data).bind(*args, **kwargs)
-    bound.apply_defaults()
-    bound.arguments.update(n_train=512, n_valid=128)
-    return _small_images(*bound.args)
+small_image_data = small_image_loader(512, 128)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +44,7 @@ def tiny_env(cache_dir):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    r = random.Random(0)
-    lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 14))).capitalize() + ", "
-             + " ".join(r.choice(WORDS) for _ in range(3)) + "." for _ in range(600)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt")
 
 
 def train_tiny(root, corpus, arch, *extra):

@@ -9,8 +9,6 @@ is refused naming the field or tensor; corrupt and truncated files give clear er
 BPE tokenizers give known ids on hand-written vocabularies; and `import` -> eval_ptq.py -> `export` works end to end.
 """
 
-import functools
-import inspect
 import json
 import math
 import random
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+from helpers import small_image_loader
 import eval_ptq
 import hf_checkpoint as H
 from model import build_model, get_config
@@ -254,20 +253,7 @@ def bpe_files(specials="opt"):
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-_load_image_data = D.load_image_data
-
-
-@functools.lru_cache(maxsize=None)
-def _small_images(*args):
-    return _load_image_data(*args)
-
-
-def small_image_data(*args, **kwargs):
-    """data.load_image_data with 256 / 64 built-in images (made once)."""
-    bound = inspect.signature(_load_image_data).bind(*args, **kwargs)
-    bound.apply_defaults()
-    bound.arguments.update(n_train=256, n_valid=64)
-    return _small_images(*bound.args)
+small_image_data = small_image_loader(256, 64)
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,8 @@ in-process (`train.main(argv)` returns the last eval dict) except where a separa
 kill -9 test, torchrun, and `python train.py --help`.
 """
 
-import functools
-import inspect
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,40 +18,13 @@ import torch
 
 import data
 import train
+from helpers import small_image_loader, write_corpus
 from model import build_model, get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
 
-WORDS = ("the cat dog sat on a mat and ran to house with big small red blue tree under over near far quick slow "
-         "bird sang while it was raining in spring").split()
-
-
-def write_corpus(path, n_lines=600, seed=0):
-    """A deterministic toy English text: ~35 KB, a ~90-token vocabulary, plenty of '.' and ','."""
-    r = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        head = " ".join(r.choice(WORDS) for _ in range(r.randint(5, 14)))
-        lines.append(head.capitalize() + ", " + " ".join(r.choice(WORDS) for _ in range(3)) + ".")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-_load_image_data = data.load_image_data
-
-
-@functools.lru_cache(maxsize=None)
-def _small_images(*args):
-    return _load_image_data(*args)
-
-
-def small_image_data(*args, **kwargs):
-    """data.load_image_data with 512 / 128 built-in images (made once); its signature is enforced."""
-    bound = inspect.signature(_load_image_data).bind(*args, **kwargs)
-    bound.apply_defaults()
-    bound.arguments.update(n_train=512, n_valid=128)
-    return _small_images(*bound.args)
+small_image_data = small_image_loader(512, 128)
 
 
 @pytest.fixture(scope="module")

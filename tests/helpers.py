@@ -1,0 +1,41 @@
+"""Small fixtures-as-functions shared by the tests: a toy English corpus and a small built-in image set."""
+
+import functools
+import inspect
+import random
+
+import data
+
+WORDS = ("the cat dog sat on a mat and ran to house with big small red blue tree under over near far quick slow "
+         "bird sang while it was raining in spring").split()
+
+
+def corpus_lines(n_lines=600, seed=0):
+    """A deterministic toy English text: ~35 KB, a ~90-token vocabulary, plenty of '.' and ','."""
+    r = random.Random(seed)
+    return [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 14))).capitalize() + ", "
+            + " ".join(r.choice(WORDS) for _ in range(3)) + "." for _ in range(n_lines)]
+
+
+def write_corpus(path, n_lines=600, seed=0):
+    path.write_text("\n".join(corpus_lines(n_lines, seed)) + "\n")
+    return path
+
+
+_load_image_data = data.load_image_data
+
+
+@functools.lru_cache(maxsize=None)
+def _small_images(*args):
+    return _load_image_data(*args)
+
+
+def small_image_loader(n_train=512, n_valid=128):
+    """A stand-in for data.load_image_data that makes n_train / n_valid built-in images (once per argument set);
+    the real function's signature is enforced, so a wrong call still fails."""
+    def load(*args, **kwargs):
+        bound = inspect.signature(_load_image_data).bind(*args, **kwargs)
+        bound.apply_defaults()
+        bound.arguments.update(n_train=n_train, n_valid=n_valid)
+        return _small_images(*bound.args)
+    return load
