@@ -393,12 +393,13 @@ def resolve_configs(args):
         if foreign:
             raise ValueError(f"{['--' + f.replace('_', '-') for f in foreign]} do not apply to preset {args.preset!r} "
                              f"({PRESETS[args.preset].arch})")
-        cfg = get_config(args.preset, **model_over)
+        attn_mode = model_over.get("attn_mode", PRESETS[args.preset].attn_mode)
         for prefix, mode in (("clip_", "clipped"), ("gate_", "gated")):
             unused = sorted(k for k in model_over if k.startswith(prefix))
-            if unused and cfg.attn_mode != mode:
+            if unused and attn_mode != mode:
                 raise ValueError(f"{['--' + f.replace('_', '-') for f in unused]} have no effect with "
-                                 f"attn_mode={cfg.attn_mode!r}: add --attn-mode {mode}")
+                                 f"attn_mode={attn_mode!r}: add --attn-mode {mode}")
+        cfg = get_config(args.preset, **model_over)
         tc = replace(recipe_for(args.preset), **train_over)
     validate_train_config(tc)
     return cfg, tc, ck
