@@ -73,6 +73,20 @@ def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval
     return evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
 
 
+def shuffled_order_forward(seed: int = 0):
+    """A forward for train.evaluate that permutes the positions of each sequence (inputs and labels together,
+    so every prediction keeps its target) before the model sees it: a model whose metric does not change does
+    not use word order, i.e. its attention has not learned positional patterns. Text models only."""
+    g = torch.Generator().manual_seed(seed)
+
+    def forward(model, batch, record):
+        ids, labels = batch["input_ids"], batch["labels"]
+        perm = torch.stack([torch.randperm(ids.shape[1], generator=g) for _ in range(ids.shape[0])]).to(ids.device)
+        shuffled = dict(batch, input_ids=ids.gather(1, perm), labels=labels.gather(1, perm))
+        return model(**shuffled, record=record)
+    return forward
+
+
 def quantizer_kind(name: str) -> str:
     """'blocks.3.attn.attn_probs' -> 'attn.attn_probs'; 'blocks.0.fc2.output_quantizer' -> 'fc2 (output)'."""
     parts = name.split(".")
@@ -195,6 +209,12 @@ def _main(args):
     if args.analysis:
         result["analysis"] = analyse(model, task, eval_bs, eval_batches, device)
         print_analysis(result["analysis"])
+        if cfg.arch == "bert":  # causal LMs cannot be checked this way: shuffling changes what is predictable
+            sh = evaluate(model, task, eval_bs, eval_batches, device, outliers=False,
+                          forward=shuffled_order_forward())
+            result["analysis"]["shuffled_order_ppl"] = sh["val_ppl"]
+            print(f"MLM perplexity with each sequence's token order shuffled: {sh['val_ppl']:.3f} "
+                  f"(in order: {fp['val_ppl']:.3f}; equal values mean word order is not used)")
     if args.sensitivity:
         wb, ab = args.bits[-1]
         qcfg = Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,

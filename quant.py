@@ -414,6 +414,11 @@ class ActQuantizer(nn.Module):
         if self.scale is None:
             raise RuntimeError(f"activation quantizer {self.name!r} saw no data during calibration; "
                                f"this tensor was not reached by calibrate()'s forward_fn")
+        if x.dtype == torch.float32 and self.scale.numel() == 1:
+            # torch's fused kernel: bit-identical to fake_quantize (tests/test_quant.py), one pass over x
+            return torch.fake_quantize_per_tensor_affine(x, self.scale.reshape(()).to(x.device),
+                                                         self.zero_point.reshape(()).to(x.device, torch.int32),
+                                                         self.qmin, self.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def freeze(self) -> None:
