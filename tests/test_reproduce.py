@@ -42,3 +42,19 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path):
 def test_reproduce_rejects_an_unknown_row(tmp_path):
     r = run_repro(tmp_path, "--rows", "vanilla", "sparsemax", "--out", str(tmp_path / "x"))
     assert r.returncode != 0 and "unknown row" in r.stderr
+
+
+def test_reproduce_opt_and_vit_rows(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    tiny = "--n-layers 1 --n-heads 2 --d-model 32 --d-ff 64 --batch-size 8 --warmup-steps 2 --eval-batches 2 " \
+           "--eval-batch-size 8 --device cpu"
+    for model, row, extra in [("opt", "gated_linear", f"--max-seq-len 16 --vocab-size 128 --data {corpus}"),
+                              ("vit", "clipped", "--image-size 16 --patch-size 4")]:
+        out = tmp_path / f"repro-{model}"
+        r = run_repro(tmp_path, "--model", model, "--rows", row, "--steps", "3", "--ptq-seeds", "1",
+                      "--out", str(out), "--train-args", f"{tiny} {extra}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        results = json.loads((out / "results.json").read_text())
+        assert results[0]["arch"] == model and results[0]["row"] == row
+        metric = "acc" if model == "vit" else "ppl"
+        assert f"FP {metric}" in (out / "table.md").read_text()
