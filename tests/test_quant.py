@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant import (
-    AllMinMax, CurrentMinMax, MSE, OutlierStats, Percentile, QuantConfig, RunningMinMax, calibrate,
+    ActQuantizer, AllMinMax, CurrentMinMax, MSE, OutlierStats, Percentile, QuantConfig, RunningMinMax, calibrate,
     choose_qparams, dequantize, fake_quantize, inf_norm, kurtosis, outlier_counts, outlier_mask, quant_range,
     quant_summary, quantize, quantize_model, set_quant_state,
 )
@@ -660,3 +660,23 @@ def test_outlier_stats_accumulates_per_name_and_kind():
     assert pk["attn_out"]["max_inf_norm_at"] == "blocks.1.attn_out"
     assert math.isclose(pk["attn_out"]["mean_kurtosis"], (a["blocks.0.attn_out"]["mean_kurtosis"]
                                                           + a["blocks.1.attn_out"]["mean_kurtosis"]) / 2)
+
+
+def test_frozen_act_quantizer_fast_path_is_bit_exact():
+    """The inference path of a calibrated ActQuantizer equals fake_quantize and torch's kernel bit for bit,
+    and the autograd path (STE) gives the same values."""
+    g = torch.Generator().manual_seed(0)
+    q = ActQuantizer(RunningMinMax(), bits=6)
+    for _ in range(3):
+        q(torch.randn(64, 33, generator=g) * 3)
+    q.freeze()
+    x = torch.randn(500, 77, generator=g) * 4
+    x[0, :5] = q.scale * (torch.arange(5) + 0.5)  # exact ties
+    with torch.no_grad():
+        fast = q(x)
+    ref = fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax)
+    torch_ref = torch.fake_quantize_per_tensor_affine(x, q.scale.reshape(()), q.zero_point.reshape(()).int(),
+                                                      q.qmin, q.qmax)
+    assert torch.equal(fast, ref) and torch.equal(fast, torch_ref)
+    xg = x.clone().requires_grad_(True)
+    assert torch.equal(q(xg), fast)
