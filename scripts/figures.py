@@ -876,7 +876,10 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
     for suffix in ("alpha", "pi_init"):
         sibling = os.path.normpath(folder) + f"-{suffix}"
         if os.path.isfile(os.path.join(sibling, "results.json")):
-            cmd_sweep([sibling], w, None, baseline_rows)
+            # the table's softmax row is a fair reference only if it trained as long as the sweep's rows
+            steps = {r.get("step") for r in load_results(sibling)}
+            fair = [r for r in baseline_rows if steps == {r.get("step")}]
+            cmd_sweep([sibling], w, None, fair)
 
     if with_ckpt:
         tasks = {}
