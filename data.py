@@ -218,6 +218,17 @@ def _is_cjk(ch: str) -> bool:
             or 0x2F800 <= cp <= 0x2FA1F)
 
 
+def _cached_encode(tok, piece: str) -> tuple[int, ...]:
+    """tok._encode_piece(piece), memoised in tok._cache (up to tok._cache_limit entries): most text repeats the
+    same words, so tokenising tens of MB becomes a dictionary lookup per word."""
+    enc = tok._cache.get(piece)
+    if enc is None:
+        enc = tok._encode_piece(piece)
+        if len(tok._cache) < tok._cache_limit:
+            tok._cache[piece] = enc
+    return enc
+
+
 class WordPieceTokenizer:
     """BERT's WordPiece tokenizer, offline and deterministic, saved as a plain vocab.txt (one token per line).
 
@@ -406,14 +417,8 @@ class WordPieceTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no [CLS]/[SEP] added)."""
         ids: list[int] = []
-        cache = self._cache
         for piece in text.split():
-            enc = cache.get(piece)
-            if enc is None:
-                enc = self._encode_piece(piece)
-                if len(cache) < self._cache_limit:
-                    cache[piece] = enc
-            ids.extend(enc)
+            ids.extend(_cached_encode(self, piece))
         return ids
 
     def tokenize(self, text: str) -> list[str]:
@@ -759,19 +764,14 @@ class ByteLevelBPETokenizer:
         """Token ids of `text` (no begin/end-of-document token added)."""
         if self.add_prefix_space and text and not text[0].isspace():
             text = " " + text
-        pattern, cache = gpt2_pretokenizer(), self._cache
+        pattern = gpt2_pretokenizer()
         ids: list[int] = []
         for k, chunk in enumerate(self._special_split.split(text)):
             if k % 2:  # a special token written in the text
                 ids.append(self.token_to_id[chunk])
                 continue
             for piece in pattern.findall(chunk):
-                enc = cache.get(piece)
-                if enc is None:
-                    enc = self._encode_piece(piece)
-                    if len(cache) < self._cache_limit:
-                        cache[piece] = enc
-                ids.extend(enc)
+                ids.extend(_cached_encode(self, piece))
         return ids
 
     def tokenize(self, text: str) -> list[str]:

@@ -1,8 +1,12 @@
 """Small fixtures-as-functions shared by the tests: a toy English corpus and a small built-in image set."""
 
+import contextlib
 import functools
 import inspect
 import random
+
+import pytest
+import torch
 
 import data
 
@@ -39,3 +43,17 @@ def small_image_loader(n_train=512, n_valid=128):
         bound.arguments.update(n_train=n_train, n_valid=n_valid)
         return _small_images(*bound.args)
     return load
+
+
+@contextlib.contextmanager
+def tiny_data_env(cache_dir, n_train=512, n_valid=128):
+    """Token caches in `cache_dir`, n_train / n_valid built-in images instead of 20,000 / 2,000 (same generator),
+    and one thread (tiny models run fastest on one, and several times slower on two when another job holds a
+    core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data, "DEFAULT_CACHE_DIR", cache_dir)
+        m.setattr(data, "load_image_data", small_image_loader(n_train, n_valid))
+        yield
+    torch.set_num_threads(n)

@@ -14,16 +14,12 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-import data
 import eval_ptq
 import quant
 import train
-from helpers import small_image_loader, write_corpus
+from helpers import tiny_data_env, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-small_image_data = small_image_loader(512, 128)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
@@ -32,14 +28,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_env(cache_dir):
-    """Token caches in a temporary folder, 512 built-in training images, one thread (see test_train.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(data, "DEFAULT_CACHE_DIR", cache_dir)
-        m.setattr(data, "load_image_data", small_image_data)
+    with tiny_data_env(cache_dir):
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,11 @@ import torch
 
 import data
 import train
-from helpers import small_image_loader, write_corpus
+from helpers import tiny_data_env, write_corpus
 from model import build_model, get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
-
-small_image_data = small_image_loader(512, 128)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -39,15 +36,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_env(cache_dir):
-    """Token caches in a temporary folder; 512 built-in training images instead of 20,000 (same generator); one
-    thread (tiny models run fastest on one, and several times slower on two when another job holds a core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(data, "DEFAULT_CACHE_DIR", cache_dir)
-        m.setattr(data, "load_image_data", small_image_data)
+    with tiny_data_env(cache_dir):
         yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
