@@ -37,6 +37,9 @@ from attention import SelfAttention, check_attention_args
 
 
 # ----------------------------------------------------------------------------------------------------- configs
+POS_INITS = ("normal", "sinusoidal")
+
+
 @dataclass
 class TransformerConfig:
     """Fields every model shares: width, depth and the attention variant (attention.py documents each mode)."""
@@ -56,6 +59,7 @@ class TransformerConfig:
     gate_hidden: int = 4             # gated, mlp: n_hid
     gate_init: float = 0.5           # gated: pi_init, the gate bias starts at logit(pi_init)
     fused_attn: bool = True          # use F.scaled_dot_product_attention where exact (softmax, gated)
+    pos_init: str = "normal"         # learned positions start as N(0, init_std) (paper) or "sinusoidal" (same scale)
 
     @property
     def seq_len(self) -> int:
@@ -73,6 +77,8 @@ class TransformerConfig:
                              self.attn_dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} is invalid: must be in [0, 1)")
+        if self.pos_init not in POS_INITS:
+            raise ValueError(f"pos_init={self.pos_init!r} is invalid: choose one of {POS_INITS}")
 
 
 @dataclass
@@ -177,6 +183,21 @@ def get_config(name: str, **overrides) -> TransformerConfig:
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown} for preset {name!r}; known fields: {sorted(known)}")
     return replace(cfg, **overrides)
+
+
+def sinusoidal_positions(n_positions: int, d_model: int, rms: float = 1.0) -> torch.Tensor:
+    """(n_positions, d_model) table of Vaswani et al.'s sinusoids, scaled so every entry has RMS `rms`:
+
+        P[t, 2i] = sin(t / 10000^(2i/d)),  P[t, 2i+1] = cos(t / 10000^(2i/d)),  times rms * sqrt(2)
+
+    P[t] . P[t'] depends only on t - t' (sum_i cos((t - t') w_i)), so one query/key projection can attend by
+    relative offset; with random N(0, s) rows the model must first learn that structure.
+    """
+    t = torch.arange(n_positions, dtype=torch.float64)[:, None]               # (T, 1)
+    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (ceil(d/2),)
+    angle = t * freq                                                           # (T, ceil(d/2))
+    table = torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(n_positions, -1)[:, :d_model]  # (T, d)
+    return (table * (rms * 2 ** 0.5)).float()
 
 
 def config_to_dict(cfg: TransformerConfig) -> dict:
@@ -293,6 +314,9 @@ class _Transformer(nn.Module):
         ViT: CLS token ~ N(0, 1e-6) and positions ~ N(0, 0.02) as in timm;
         gate (gated attention): weights kaiming-uniform over the fan-in (He et al. [21], section 5.3),
         bias logit(pi_init) so every gate starts at pi_init.
+        pos_init="sinusoidal" (not the paper's; the small presets use it): the learned position table starts as
+        the sinusoids of Vaswani et al. at the same scale as the normal init (RMS init_std per entry, 0.02 for ViT),
+        so positions are distinguishable by relative offset from step 0 (see `sinusoidal_positions`).
         """
         std = self.cfg.init_std
         for m in self.modules():
@@ -305,6 +329,12 @@ class _Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, SelfAttention):
                 m.init_gate()
+        if isinstance(self, ViT):  # timm's ViT init
+            nn.init.normal_(self.cls_token, 0.0, 1e-6)
+            nn.init.normal_(self.pos_embed, 0.0, 0.02)
+        if self.cfg.pos_init == "sinusoidal":
+            table = self.pos_embed[0] if isinstance(self, ViT) else self.wpe.weight  # (T, d)
+            table.copy_(sinusoidal_positions(*table.shape, rms=0.02 if isinstance(self, ViT) else std))
 
     def num_params(self) -> int:
         """Number of parameters; a tied head shares the embedding's weight and is counted once."""
@@ -425,9 +455,6 @@ class ViT(_Transformer):
         self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.head = nn.Linear(d, cfg.n_classes)
         self.init_weights()
-        with torch.no_grad():
-            nn.init.normal_(self.cls_token, 0.0, 1e-6)
-            nn.init.normal_(self.pos_embed, 0.0, 0.02)
 
     def patchify(self, images):
         """(B, C, H, W) -> (B, N, C * p * p), each patch flattened in (C, p, p) order like a conv kernel."""

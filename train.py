@@ -306,7 +306,8 @@ HELP = {
     "clip_zeta": "clipped softmax: zeta (>= 1)",
     "gate_type": "gated attention: linear | mlp | all_heads_linear (Table 3)",
     "gate_hidden": "gated attention, mlp gate: n_hid", "gate_init": "gated attention: pi_init in (0, 1)",
-    "fused_attn": "use scaled_dot_product_attention where exact", "vocab_size": "vocabulary size",
+    "fused_attn": "use scaled_dot_product_attention where exact",
+    "pos_init": "initial learned positions: normal (paper) | sinusoidal (same scale; small presets)", "vocab_size": "vocabulary size",
     "max_seq_len": "maximum sequence length T (positions)", "type_vocab_size": "BERT token types",
     "pad_id": "padding token id", "image_size": "image side in pixels", "patch_size": "patch side in pixels",
     "n_channels": "image channels", "n_classes": "classes", "patch_ln": "ViT: LayerNorm after the patch "

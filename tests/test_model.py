@@ -1,10 +1,12 @@
 """model.py: BERT, OPT and ViT with every attention mode; presets, parameter counts, masks, bad configs."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from model import (PRESETS, BertConfig, ViTConfig, build_model, config_from_dict, config_to_dict, from_name,
-                   gate_param_count, get_config)
+                   gate_param_count, get_config, sinusoidal_positions)
 
 ARCHS = ["bert", "opt", "vit"]
 MODES = [
@@ -167,6 +169,7 @@ def test_vit_patchify_equals_a_strided_conv():
     (lambda: get_config("bert-small", colour="red"), "unknown config field"),
     (lambda: get_config("vit-small", image_size=30), "image_size"),
     (lambda: BertConfig(vocab_size=0), "vocab_size"),
+    (lambda: get_config("bert-small", pos_init="rope"), "pos_init"),
     (lambda: ViTConfig(patch_size=0), "patch_size"),
 ])
 def test_bad_configs_raise_one_clear_error(make, field):
@@ -181,3 +184,20 @@ def test_too_long_sequence_and_wrong_image_size_are_rejected():
     v = build_model(tiny("vit"))
     with pytest.raises(ValueError, match="images must have shape"):
         v(torch.zeros(1, 3, 32, 32))
+
+
+def test_sinusoidal_positions_depend_only_on_the_offset():
+    P = sinusoidal_positions(64, 128, rms=0.02)
+    assert P.shape == (64, 128)
+    torch.testing.assert_close(P.pow(2).mean().sqrt(), torch.tensor(0.02), atol=1e-6, rtol=0)
+    torch.testing.assert_close(P[0, 0::2], torch.zeros(64))  # sin(0)
+    gram = P @ P.T  # (T, T): P[t] . P[t'] is a function of t - t'
+    for offset in (1, 5, 17):
+        d = torch.diagonal(gram, offset)
+        torch.testing.assert_close(d, d[:1].expand_as(d), atol=1e-6, rtol=1e-4)
+    for arch, table in (("bert", lambda m: m.wpe.weight), ("opt", lambda m: m.wpe.weight),
+                        ("vit", lambda m: m.pos_embed[0])):
+        cfg = replace(tiny(arch), pos_init="sinusoidal")
+        m = build_model(cfg)
+        rms = 0.02 if arch == "vit" else cfg.init_std
+        torch.testing.assert_close(table(m).detach(), sinusoidal_positions(*table(m).shape, rms=rms))
