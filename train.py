@@ -42,7 +42,7 @@ from quant import OutlierStats
 class TrainConfig:
     """Training settings. `RECIPES` gives the paper's values per architecture (appendix C); `SMALL_RECIPES`
     the small CPU presets' values. Anything can be overridden on the command line."""
-    data: str = "builtin"           # "builtin", "wikitext-103:/path", "wikitext-2:/path", a text file/folder, "cifar10:/path"
+    data: str = "builtin"           # "builtin", "synthetic", "wikitext-103:/path", "wikitext-2:/path", a text file/folder, "cifar10:/path"
     vocab_file: str = ""            # a WordPiece vocab.txt (e.g. BERT's); empty: build one from the training text
     steps: int = 1_000_000
     batch_size: int = 256           # global batch, in sequences (or images), per optimizer step
@@ -80,8 +80,8 @@ RECIPES = {
 }
 # The small presets train on 2 CPU cores in minutes; their settings are this project's, not the paper's.
 SMALL_RECIPES = {
-    "bert-small": replace(RECIPES["bert"], steps=3000, batch_size=16, lr=2e-3, warmup_steps=300, eval_interval=500,
-                          eval_batches=20, ckpt_interval=500, log_interval=50),
+    "bert-small": replace(RECIPES["bert"], data="synthetic", steps=4000, batch_size=16, lr=1e-3, warmup_steps=300,
+                          eval_interval=500, eval_batches=20, ckpt_interval=500, log_interval=50),
     "bert-mid": replace(RECIPES["bert"], steps=6000, batch_size=32, lr=1e-3, warmup_steps=500, eval_interval=500,
                         eval_batches=20, ckpt_interval=500),
     "opt-small": replace(RECIPES["opt"], steps=2000, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=200,
@@ -312,7 +312,7 @@ HELP = {
     "pad_id": "padding token id", "image_size": "image side in pixels", "patch_size": "patch side in pixels",
     "n_channels": "image channels", "n_classes": "classes", "patch_ln": "ViT: LayerNorm after the patch "
     "embedding (appendix B.4)", "label_smoothing": "ViT: label smoothing",
-    "data": "builtin | wikitext-103:DIR | wikitext-2:DIR | a .txt file or folder | cifar10:DIR",
+    "data": "builtin (stdlib text) | synthetic (generated English-like text) | wikitext-103:DIR | wikitext-2:DIR | a .txt file or folder | cifar10:DIR",
     "vocab_file": "WordPiece vocab.txt to use (e.g. BERT's); default: build one from the training text",
     "steps": "optimizer steps", "batch_size": "global batch (sequences or images) per optimizer step",
     "grad_accum": "micro-batches per step", "lr": "peak learning rate", "min_lr": "final learning rate",

@@ -164,8 +164,9 @@ def write_outputs(out, rows, done, seconds):
     arch = results[0]["arch"]
     m = "acc" if arch == "vit" else "ppl"
     bits = list(results[0]["ptq"])
-    head = ["Method", f"FP {m}", "Max inf. norm", "Avg. kurtosis"] + [f"{b} {m}" for b in bits] + \
-           [f"{b} gap" for b in bits] + ["non-zero attn. probs"]
+    shuffled = arch == "bert"  # is attention in use? MLM perplexity with each sequence's word order shuffled
+    head = ["Method", f"FP {m}", "Max inf. norm", "FFN-out inf. norm", "Avg. kurtosis"] + [f"{b} {m}" for b in bits] + \
+           [f"{b} gap" for b in bits] + ["non-zero attn. probs"] + (["FP ppl, words shuffled"] if shuffled else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         fp = r["fp"]["val_" + m]
@@ -173,9 +174,12 @@ def write_outputs(out, rows, done, seconds):
         for b in bits:
             q = r["ptq"][b]["mean"]
             gaps.append(f"{(q / fp - 1) * 100:+.1f}%" if m == "ppl" else f"{q - fp:+.2f}")
-        cells = [r["label"], f"{fp:.2f}", f"{r['fp']['max_inf_norm']:.1f}", f"{r['fp']['avg_kurtosis']:.1f}"]
+        cells = [r["label"], f"{fp:.2f}", f"{r['fp']['max_inf_norm']:.1f}",
+                 f"{r['fp'].get('max_inf_norm/ffn_out', float('nan')):.1f}", f"{r['fp']['avg_kurtosis']:.1f}"]
         cells += [f"{r['ptq'][b]['mean']:.2f} ± {r['ptq'][b]['std']:.2f}" for b in bits] + gaps
         cells += [f"{100 * nonzero_share(r):.1f}%"]
+        if shuffled:
+            cells += [f"{r.get('analysis', {}).get('shuffled_order_ppl', float('nan')):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     per_row = ", ".join(f"{r['row']} {r['minutes']:.1f}" for r in results)

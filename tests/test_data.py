@@ -370,6 +370,32 @@ def test_builtin_text(tmp_path):
     assert td.num_sequences("valid") > 100
 
 
+def test_synthetic_text_is_deterministic_and_grammatical(tmp_path):
+    train, valid = data.synthetic_text(n_train=200, n_valid=20)
+    assert (train, valid) == data.synthetic_text(n_train=200, n_valid=20)
+    assert data.synthetic_text(n_train=200, n_valid=20, seed=1)[0] != train
+    # number agreement: a plural subject ("X and Y") takes the base form, a singular one the -s form
+    for doc in train:
+        for sentence in doc.split(" . "):
+            words = sentence.split()
+            if len(words) > 3 and words[1] == "and" and words[0] in data._SYN_NAMES:
+                assert words[3] in data._SYN_VT + data._SYN_VI, sentence  # "anna and ben find ..."
+            if words and words[0] in data._SYN_NAMES and words[1] in [data._third_person(v) for v in data._SYN_VT]:
+                assert words[2] == "the"
+    # a document keeps one adjective per object
+    import re
+    for doc in train[:50]:
+        for noun in data._SYN_NOUNS:
+            adjs = set(re.findall(rf"(\w+) {noun} ", doc)) & set(data._SYN_ADJS)
+            adjs |= set(re.findall(rf"the {noun} is (\w+)", doc))
+            assert len(adjs) <= 1, (noun, adjs, doc)
+    td = data.load_text_data("synthetic", vocab_size=8192, seq_len=64, cache_dir=tmp_path)
+    stream = np.asarray(td.tokens["train"])
+    assert td.tokenizer.vocab_size < 400 and td.tokenizer.unk_id not in stream
+    assert np.isin(stream, td.tokenizer.delimiter_ids).mean() > 0.1
+    assert td.num_sequences("train") > 10_000 and td.num_sequences("valid") > 500
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------------

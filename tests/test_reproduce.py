@@ -27,7 +27,8 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path):
     r = run_repro(tmp_path, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     table = (out / "table.md").read_text()
-    assert "| Method | FP ppl | Max inf. norm | Avg. kurtosis | W8A8 ppl | W8A6 ppl |" in table
+    assert "| Method | FP ppl | Max inf. norm | FFN-out inf. norm | Avg. kurtosis | W8A8 ppl | W8A6 ppl |" in table
+    assert table.splitlines()[0].endswith("| non-zero attn. probs | FP ppl, words shuffled |")
     assert "softmax" in table and "clipped softmax, alpha 1" in table and "gated attention, Linear" in table
     results = json.loads((out / "results.json").read_text())
     assert [r["row"] for r in results] == ["vanilla", "clipped", "gated_linear"]
