@@ -100,13 +100,13 @@ def main(argv=None):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     t_start = time.time()
     pending = [(name, desc, flags) for name, desc, flags in rows]
-    running, done = {}, {}
+    running, done, ran = {}, {}, set()
     while pending or running:
         while pending and len(running) < jobs:
             name, desc, flags = pending.pop(0)
             run = os.path.join(out, name)
             if os.path.exists(os.path.join(run, "ptq.json")):
-                done[name] = 0.0
+                done[name] = earlier_minutes(out, name)  # finished by an earlier call: reused, not re-run
                 continue
             print(f"== {name}: {desc} ({run})", flush=True)
             running[name] = (start_row(run, desc, common + flags, args, threads), time.time())
@@ -117,10 +117,11 @@ def main(argv=None):
             if proc.returncode != 0:
                 sys.exit(f"error: row {name} failed (exit {proc.returncode}); see {os.path.join(out, name, 'row.log')}")
             done[name] = (time.time() - t0) / 60
+            ran.add(name)
             print(f"== {name} done in {done[name]:.1f} min", flush=True)
-            write_outputs(out, rows, done, time.time() - t_start)
+            write_outputs(out, rows, done, time.time() - t_start, ran)
         time.sleep(1)
-    write_outputs(out, rows, done, time.time() - t_start)
+    write_outputs(out, rows, done, time.time() - t_start, ran)
     print(open(os.path.join(out, "table.md")).read())
     if args.plots:
         import figures  # scripts/ is on sys.path when this file runs as a script
@@ -143,13 +144,22 @@ def start_row(run, desc, train_flags, args, threads):
     return subprocess.Popen(["sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def earlier_minutes(out, name):
+    """Wall-clock minutes of a row finished by an earlier call (from its results.json), or None if unknown."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            return next((r.get("minutes") for r in json.load(f) if r.get("row") == name), None)
+    except (OSError, ValueError):
+        return None
+
+
 def nonzero_share(r):
     """Share of non-zero attention probabilities over all layers and heads (clipped softmax leaves exact zeros)."""
     zeros = [z for layer in r.get("analysis", {}).get("layers", []) for z in layer["attn_zero_fraction"]]
     return 1.0 - sum(zeros) / len(zeros) if zeros else float("nan")
 
 
-def write_outputs(out, rows, done, seconds):
+def write_outputs(out, rows, done, seconds, ran=()):
     """<out>/table.md and <out>/results.json from the rows finished so far, in the order of `rows`."""
     results = []
     for name, _, _ in rows:
@@ -182,8 +192,11 @@ def write_outputs(out, rows, done, seconds):
             cells += [f"{r.get('analysis', {}).get('shuffled_order_ppl', float('nan')):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    per_row = ", ".join(f"{r['row']} {r['minutes']:.1f}" for r in results)
-    lines.append(f"{len(results)} rows, {seconds / 60:.1f} min wall-clock (per row, train + PTQ: {per_row} min).")
+    per_row = ", ".join(f"{r['row']} " + ("?" if r["minutes"] is None else f"{r['minutes']:.1f}") for r in results)
+    reused = [r["row"] for r in results if r["row"] not in ran]
+    lines.append(f"{len(results)} rows; this call ran {len(results) - len(reused)} of them in {seconds / 60:.1f} min "
+                 f"wall-clock" + (f" and reused {', '.join(reused)} from an earlier call" if reused else "") +
+                 f" (per row, train + PTQ: {per_row} min).")
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
