@@ -38,6 +38,9 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path):
     r = run_repro(tmp_path, *args)  # everything is done: nothing is trained or evaluated again
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "vanilla" / "ptq.json").stat().st_mtime == mtime
+    last = (out / "table.md").read_text().strip().splitlines()[-1]
+    assert "this call ran 0 of them" in last and "reused vanilla, clipped, gated_linear" in last
+    assert "vanilla 0.0" not in last  # a reused row keeps the wall-clock time of the call that ran it
 
 
 def test_reproduce_rejects_an_unknown_row(tmp_path):
