@@ -1,10 +1,11 @@
 """Small-scale reproduction of the paper's Table 2: vanilla vs clipped softmax vs gated attention, one command.
 
-    python scripts/reproduce.py                        # BERT rows on the built-in text (about 20-25 min, 2 cores)
+    python scripts/reproduce.py                        # 5 BERT rows on the built-in synthetic text (2 at a time, 8.5-12.5 min each)
     python scripts/reproduce.py --model opt            # OPT (causal LM) rows
     python scripts/reproduce.py --model vit            # ViT rows on the built-in images
     python scripts/reproduce.py --sweep alpha          # Figure 6: clipped softmax, alpha in ALPHAS
     python scripts/reproduce.py --sweep pi_init        # Figure 7: Linear gate, pi_init in PI_INITS
+    python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3   # the three main rows (12.5 min)
     python scripts/reproduce.py --rows vanilla gated_linear --steps 500   # a subset, shorter
 
 Each row trains one model with train.py (same preset, data, seed and recipe; only the attention differs) and
