@@ -6,6 +6,7 @@ All fixture data is written to tmp_path; nothing is downloaded. Runs in well und
 import os
 import pickle
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -380,10 +381,9 @@ def test_synthetic_text_is_deterministic_and_grammatical(tmp_path):
             words = sentence.split()
             if len(words) > 3 and words[1] == "and" and words[0] in data._SYN_NAMES:
                 assert words[3] in data._SYN_VT + data._SYN_VI, sentence  # "anna and ben find ..."
-            if words and words[0] in data._SYN_NAMES and words[1] in [data._third_person(v) for v in data._SYN_VT]:
+            if words and words[0] in data._SYN_NAMES and words[1] in [data._add_s(v) for v in data._SYN_VT]:
                 assert words[2] == "the"
     # a document keeps one adjective per object
-    import re
     for doc in train[:50]:
         for noun in data._SYN_NOUNS:
             adjs = set(re.findall(rf"(\w+) {noun} ", doc)) & set(data._SYN_ADJS)
