@@ -443,6 +443,9 @@ def test_cifar10_errors(tmp_path):
     write_cifar(tmp_path / "d", bad=pickle.dumps({b"data": os.getcwd}))  # a non-array global is refused
     with pytest.raises(DataError, match="unreadable"):
         data.read_cifar10(tmp_path / "d")
+    for text_source in ("synthetic", "wikitext-103:/data/wt103"):  # a text source given to an image model
+        with pytest.raises(DataError, match="text source.*'builtin'.*cifar10:DIR"):
+            data.load_image_data(text_source)
 
 
 def test_augmentations():
