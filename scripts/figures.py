@@ -359,8 +359,8 @@ def sweep_data(results, param: str | None = None) -> dict:
 
     param: "clip_alpha" (Figure 6, the clipped rows) or "gate_init" (Figure 7, the gated rows); None picks the
     one the results hold (an error if they hold both). A softmax row, if present, is returned as `baseline`.
-    Points are sorted by x; each has the row name, x, fp (ppl or acc), max_inf_norm, avg_kurtosis and the mean
-    of every PTQ bit width.
+    Points are sorted by x; each has the row name, x, fp (ppl or acc), max_inf_norm, ffn_out_inf_norm (None if
+    not recorded), avg_kurtosis and the mean of every PTQ bit width.
     """
     if isinstance(results, (str, os.PathLike)):
         results = load_results(str(results))
@@ -384,7 +384,8 @@ def sweep_data(results, param: str | None = None) -> dict:
 
     def point(r):
         return {"row": r.get("row") or r.get("label"), "fp": r["fp"]["val_" + m],
-                "max_inf_norm": r["fp"]["max_inf_norm"], "avg_kurtosis": r["fp"].get("avg_kurtosis"),
+                "max_inf_norm": r["fp"]["max_inf_norm"], "ffn_out_inf_norm": r["fp"].get("max_inf_norm/ffn_out"),
+                "avg_kurtosis": r["fp"].get("avg_kurtosis"),
                 "ptq": {k: v["mean"] for k, v in r.get("ptq", {}).items()}}
 
     points = sorted(({"x": float(r["config"][param]), **point(r)} for r in groups[param]), key=lambda p: p["x"])
@@ -397,11 +398,11 @@ def sweep_data(results, param: str | None = None) -> dict:
 def sweep_table(data: dict) -> list[list]:
     """The rows of the sweep's CSV (header first); the baseline, if any, with an empty x."""
     bits = sorted({k for p in data["points"] for k in p["ptq"]})
-    rows = [["row", data["label"], f"fp_{data['metric']}", "max_inf_norm", "avg_kurtosis"] +
+    rows = [["row", data["label"], f"fp_{data['metric']}", "max_inf_norm", "ffn_out_inf_norm", "avg_kurtosis"] +
             [f"{b}_{data['metric']}" for b in bits]]
     pts = data["points"] + ([{"x": "", **data["baseline"]}] if data["baseline"] else [])
     for p in pts:
-        rows.append([p["row"], p["x"], p["fp"], p["max_inf_norm"], p["avg_kurtosis"]] +
+        rows.append([p["row"], p["x"], p["fp"], p["max_inf_norm"], p.get("ffn_out_inf_norm"), p["avg_kurtosis"]] +
                     [p["ptq"].get(b, "") for b in bits])
     return rows
 
@@ -612,11 +613,17 @@ def plot_sweep(data: dict, path: str) -> None:
     ax1.plot(xs, [p["fp"] for p in data["points"]], "o-", label="FP")
     for b in sorted({k for p in data["points"] for k in p["ptq"]}):
         ax1.plot(xs, [p["ptq"].get(b, math.nan) for p in data["points"]], "s--", label=b)
-    ax2.plot(xs, [p["max_inf_norm"] for p in data["points"]], "o-", color="tab:red")
-    if data["baseline"]:
-        ax1.axhline(data["baseline"]["fp"], color="gray", ls=":", label="softmax (FP)")
-        ax2.axhline(data["baseline"]["max_inf_norm"], color="gray", ls=":", label="softmax")
-        ax2.legend(fontsize=8)
+    ax2.plot(xs, [p["max_inf_norm"] for p in data["points"]], "o-", color="tab:red", label="max inf-norm")
+    ffn = [p.get("ffn_out_inf_norm") for p in data["points"]]
+    if all(v is not None for v in ffn):
+        ax2.plot(xs, ffn, "s--", color="tab:purple", label="FFN-out inf-norm")
+    base = data["baseline"]
+    if base:
+        ax1.axhline(base["fp"], color="gray", ls=":", label="softmax (FP)")
+        ax2.axhline(base["max_inf_norm"], color="tab:red", ls=":", alpha=0.6, label="softmax, max")
+        if base.get("ffn_out_inf_norm") is not None:
+            ax2.axhline(base["ffn_out_inf_norm"], color="tab:purple", ls=":", alpha=0.6, label="softmax, FFN-out")
+    ax2.legend(fontsize=8)
     for a in (ax1, ax2):
         a.set_xlabel(data["label"])
         if data["param"] == "clip_alpha":

@@ -3,8 +3,8 @@
     python scripts/reproduce.py                        # 5 BERT rows on the built-in synthetic text (2 at a time, 8.5-12.5 min each)
     python scripts/reproduce.py --model opt            # OPT (causal LM) rows
     python scripts/reproduce.py --model vit            # ViT rows on the built-in images
-    python scripts/reproduce.py --sweep alpha          # Figure 6: clipped softmax, alpha in ALPHAS
-    python scripts/reproduce.py --sweep pi_init        # Figure 7: Linear gate, pi_init in PI_INITS
+    python scripts/reproduce.py --sweep alpha          # Figure 6: softmax, then clipped softmax for alpha in ALPHAS
+    python scripts/reproduce.py --sweep pi_init        # Figure 7: softmax, then the Linear gate for pi_init in PI_INITS
     python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3   # the three main rows (12.5 min)
     python scripts/reproduce.py --rows vanilla gated_linear --steps 500   # a subset, shorter
 
@@ -57,11 +57,14 @@ PI_INITS = [0.1, 0.25, 0.5, 0.75, 0.9]  # Figure 7
 
 
 def sweep_rows(kind):
+    """The rows of a sweep: a plain softmax row first (the reference line of Figures 6 and 7), then one row per
+    value of alpha (clipped softmax) or pi_init (Linear gate)."""
+    baseline = ("vanilla", "softmax", [])
     if kind == "alpha":
-        return [(f"alpha_{a:g}", f"clipped softmax, alpha {a:g}", ["--attn-mode", "clipped", "--clip-alpha", str(a)])
-                for a in ALPHAS]
-    return [(f"pi_init_{p:g}", f"gated Linear, pi_init {p:g}", ["--attn-mode", "gated", "--gate-init", str(p)])
-            for p in PI_INITS]
+        return [baseline] + [(f"alpha_{a:g}", f"clipped softmax, alpha {a:g}",
+                              ["--attn-mode", "clipped", "--clip-alpha", str(a)]) for a in ALPHAS]
+    return [baseline] + [(f"pi_init_{p:g}", f"gated Linear, pi_init {p:g}",
+                          ["--attn-mode", "gated", "--gate-init", str(p)]) for p in PI_INITS]
 
 
 def main(argv=None):

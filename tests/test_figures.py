@@ -267,7 +267,7 @@ def _result(row, mode, **cfg):
     ppl = 20.0 + cfg.get("clip_alpha", 0) + cfg.get("gate_init", 0)
     return {"row": row, "label": row, "arch": "bert", "attn_mode": mode,
             "config": {"attn_mode": mode, "clip_alpha": None, "gate_init": 0.5, **cfg},
-            "fp": {"val_ppl": ppl, "max_inf_norm": 10 * ppl, "avg_kurtosis": 3.0},
+            "fp": {"val_ppl": ppl, "max_inf_norm": 10 * ppl, "max_inf_norm/ffn_out": 5 * ppl, "avg_kurtosis": 3.0},
             "ptq": {"W8A8": {"mean": ppl + 1, "std": 0.1, "values": [ppl + 1]}}, "minutes": 1.0}
 
 
@@ -280,10 +280,11 @@ def test_sweep_data_from_a_results_json(tmp_path):
     assert [p["x"] for p in d["points"]] == [0.25, 1.0, 4.0]
     assert [p["fp"] for p in d["points"]] == [20.25, 21.0, 24.0]
     assert d["points"][0]["max_inf_norm"] == 202.5 and d["points"][0]["ptq"] == {"W8A8": 21.25}
+    assert d["points"][0]["ffn_out_inf_norm"] == 101.25
     assert d["baseline"] is None
     assert F.sweep_data(str(tmp_path)) == d  # the folder works too
     table = F.sweep_table(d)
-    assert table[0] == ["row", "alpha", "fp_ppl", "max_inf_norm", "avg_kurtosis", "W8A8_ppl"] and len(table) == 4
+    assert table[0] == ["row", "alpha", "fp_ppl", "max_inf_norm", "ffn_out_inf_norm", "avg_kurtosis", "W8A8_ppl"] and len(table) == 4
 
     gated = [_result(f"pi_init_{p:g}", "gated", gate_init=p) for p in (0.9, 0.1)] + [_result("vanilla", "softmax")]
     d = F.sweep_data(gated)

@@ -62,3 +62,13 @@ def test_reproduce_opt_and_vit_rows(tmp_path):
         assert results[0]["arch"] == model and results[0]["row"] == row
         metric = "acc" if model == "vit" else "ppl"
         assert f"FP {metric}" in (out / "table.md").read_text()
+
+
+def test_sweeps_start_with_a_softmax_reference_row():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import reproduce
+    alpha, pi = reproduce.sweep_rows("alpha"), reproduce.sweep_rows("pi_init")
+    assert alpha[0] == pi[0] == ("vanilla", "softmax", [])
+    assert [r[0] for r in alpha[1:]] == [f"alpha_{a:g}" for a in reproduce.ALPHAS]
+    assert alpha[3][2] == ["--attn-mode", "clipped", "--clip-alpha", "1"]
+    assert pi[1:][2][2] == ["--attn-mode", "gated", "--gate-init", "0.5"]
