@@ -276,7 +276,8 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
     mean) counts per hidden dimension and per token position, the top outlier dimensions, the share of outliers
     on delimiter / special tokens (language models) or the per-patch outlier map (ViT). Per layer and head: the
     attention mass on the first token and on delimiter tokens, the fraction of exact zeros among the attention
-    probabilities (clipped softmax), and the mean gate probability (gated attention).
+    probabilities a query may attend to (clipped softmax; padding and future keys are not counted), and the mean
+    gate probability (gated attention).
     """
     model.eval()
     tok = task.tokenizer
@@ -315,8 +316,13 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
             h["first"] = h["first"] + (p[..., 0] * rows[..., 0]).sum((0, 2)).cpu()
             if is_delim is not None:
                 h["delim"] = h["delim"] + (p * is_delim[:, None, None, :]).sum(-1).mul(rows[..., 0]).sum((0, 2)).cpu()
-            h["zeros"] = h["zeros"] + ((p == 0) & rows).sum((0, 2, 3)).cpu()
-            h["entries"] += int(rows[:, 0].sum())
+            # zeros among the entries a query may attend to: padding keys and (causal models) future keys are
+            # zero by construction and are not counted
+            allowed = rows & valid[:, None, None, :] if valid is not None else rows
+            if model.blocks[i].attn.causal:
+                allowed = allowed & torch.ones(p.shape[-2:], dtype=torch.bool, device=p.device).tril()
+            h["zeros"] = h["zeros"] + ((p == 0) & allowed).sum((0, 2, 3)).cpu()
+            h["entries"] += int(allowed[:, 0].sum())
             h["rows"] += int(rows[:, 0, :, 0].sum())
             if f"blocks.{i}.gate_probs" in rec:
                 g = rec[f"blocks.{i}.gate_probs"]  # (B, H, T)

@@ -148,6 +148,8 @@ def test_ptq_end_to_end(runs, arch, tmp_path, monkeypatch, capsys):
     assert (layer["attn_mass_delimiters"] is None) == (arch == "vit")
     if arch == "opt":  # clipped softmax puts exact zeros in the attention probabilities
         assert max(layer["attn_zero_fraction"]) > 0
+    else:  # softmax: no exact zeros among the keys a query may attend to (padding keys are not counted)
+        assert max(layer["attn_zero_fraction"]) == 0
     printed = capsys.readouterr().out
     assert "FP32:" in printed and "W8A8:" in printed and "W16A16:" in printed and "Outlier analysis" in printed
 
@@ -216,3 +218,25 @@ def test_help_lists_the_options():
     for flag in ("--bits", "--seeds", "--calib-batches", "--weight-estimator", "--act-estimator", "--analysis",
                  "--out"):
         assert flag in p.stdout, flag
+
+
+def test_zero_probabilities_count_only_keys_a_query_may_attend_to():
+    """A causal softmax model has no exact zeros among past keys; the masked future half is not counted."""
+    from model import OPTConfig, OPTLM
+
+    class Task:  # the two things analyse() reads from a task
+        tokenizer = None
+
+        def iter_valid(self, batch_size, max_batches):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(max_batches):
+                yield {"input_ids": torch.randint(0, 64, (batch_size, 16), generator=g)}
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(n_layers=1, n_heads=2, d_model=32, d_ff=64, vocab_size=64, max_seq_len=16, dropout=0.0,
+                    attn_dropout=0.0)
+    an = eval_ptq.analyse(OPTLM(cfg), Task(), batch_size=2, max_batches=2, device="cpu")
+    assert an["layers"][0]["attn_zero_fraction"] == [0.0, 0.0]
+    clipped = OPTLM(OPTConfig(**{**cfg.__dict__, "attn_mode": "clipped", "clip_alpha": 4.0}))
+    zeros = eval_ptq.analyse(clipped, Task(), batch_size=2, max_batches=2, device="cpu")["layers"][0]["attn_zero_fraction"]
+    assert all(0 < z < 1 for z in zeros)  # alpha 4, T 16: a near-uniform row keeps p only where t < 5
