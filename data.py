@@ -1775,7 +1775,7 @@ def load_image_data(source: str = "builtin", image_size: int = 32, n_train: int 
     else:
         prefix, sep, rest = source.partition(":")
         path = rest if sep and prefix in ("cifar10", "cifar-10") else source
-        if source in ("synthetic",) or (sep and prefix in ("wikitext-103", "wikitext-2")):
+        if source == "synthetic" or (sep and prefix in ("wikitext-103", "wikitext-2")):
             raise DataError(f"data {source!r} is a text source, but an image model needs images: use 'builtin' "
                             f"(generated shapes) or 'cifar10:DIR' (the cifar-10-batches-py folder)")
         x_tr, y_tr, x_va, y_va = read_cifar10(path)
