@@ -629,7 +629,9 @@ def plot_sweep(data: dict, path: str) -> None:
         if data["param"] == "clip_alpha":
             a.set_xscale("log", base=2)
         a.grid(alpha=0.3)
-    ax1.set_ylabel("perplexity" if m == "ppl" else "accuracy (%)")
+    ax1.set_ylabel("perplexity (log scale)" if m == "ppl" else "accuracy (%)")
+    if m == "ppl":  # a row whose attention died sits 10x above the others
+        ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax2.set_ylabel("max inf-norm")
     what = "clipped softmax, gamma = -alpha / T" if data["param"] == "clip_alpha" else "gated attention (Linear)"
