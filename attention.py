@@ -6,7 +6,8 @@ Nothing" (NeurIPS 2023).
     softmax   Eq. 3   Attention(x) = softmax(Q K^T / sqrt(d_head)) V
     clipped   Eq. 4   clipped_softmax(x; zeta, gamma) = clip((zeta - gamma) * softmax(x) + gamma, 0, 1)
                       gamma = clip_gamma, or gamma = -clip_alpha / T (section 5.2), T = the configured maximum
-                      sequence length (as in the authors' code, not the length of the batch)
+                      sequence length (as in the authors' code, not the length of the batch). Not in the paper:
+                      `gamma_scale` (default 1) multiplies gamma; train.py's --clip-warmup-steps ramps it 0 -> 1
     gated     Eq. 5-7 Gated_attention(x) = sigmoid(G(x)) * softmax(Q K^T / sqrt(d_head)) V, where head i's gate
                       pi_i,t = sigmoid(G_i(x_i,t,:)) sees its own d_head slice of the attention layer's INPUT x
                       (appendix B.1 / Table 3: gate_type "linear", "mlp" or "all_heads_linear")
@@ -135,6 +136,7 @@ class SelfAttention(nn.Module):
             self.clip_gamma = float(clip_gamma) if clip_gamma is not None else -float(clip_alpha) / max_seq_len
         else:
             self.clip_gamma = 0.0
+        self.gamma_scale = 1.0  # not in the paper: the gamma actually used is clip_gamma * gamma_scale (a warm-up)
         self.gate_init = gate_init
         self.dropout = dropout
 
@@ -194,7 +196,7 @@ class SelfAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             if self.mode == "clipped":
-                probs = clipped_softmax(scores, self.clip_gamma, self.clip_zeta)
+                probs = clipped_softmax(scores, self.clip_gamma * self.gamma_scale, self.clip_zeta)
             elif self.mode == "softmax1":
                 probs = softmax1(scores)
             else:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
+from attention import SelfAttention
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, get_config
 from quant import OutlierStats
 
@@ -56,6 +57,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
+    clip_warmup_steps: int = 0      # not in the paper: clipped softmax's gamma grows linearly from 0 over N steps
     seed: int = 0
     device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
@@ -120,6 +122,8 @@ def validate_train_config(tc: TrainConfig) -> None:
         bad("grad_clip", "must be >= 0 (0 disables clipping)")
     if tc.dtype not in ("fp32", "bf16", "fp16"):
         bad("dtype", "choose fp32, bf16 or fp16")
+    if not 0 <= tc.clip_warmup_steps <= tc.steps:
+        bad("clip_warmup_steps", f"must be in [0, steps={tc.steps}] so the trained model ends at its configured gamma")
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -132,6 +136,21 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     if tc.schedule == "linear":
         return tc.min_lr + (tc.lr - tc.min_lr) * (1.0 - frac)
     return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def clip_gamma_scale(step: int, tc: TrainConfig) -> float:
+    """Not in the paper. The share of clipped softmax's gamma used at optimizer step `step` (0-based) and by the
+    evaluation after `step` updates: it grows linearly from 0 (step 0 is plain softmax, exactly) to 1 at step
+    clip_warmup_steps (0: the full gamma from the start). Early on the model is nearly plain softmax, so attention
+    learns before entries are clipped; at small T and width the full gamma = -alpha / T clips every entry of the
+    near-uniform attention at initialisation (see NOTES)."""
+    return min(1.0, step / tc.clip_warmup_steps) if tc.clip_warmup_steps else 1.0
+
+
+def set_gamma_scale(model: torch.nn.Module, scale: float) -> None:
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.gamma_scale = scale
 
 
 def param_groups(model, tc: TrainConfig):
@@ -319,6 +338,7 @@ HELP = {
     "warmup_steps": "linear warm-up steps", "schedule": "linear | cosine | constant after warm-up",
     "weight_decay": "AdamW weight decay", "wd_ln_gamma": "also decay LayerNorm weights (appendix B.3)",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
+    "clip_warmup_steps": "clipped softmax (not in the paper): gamma grows linearly from 0 to its value over N steps",
     "seed": "seed of the init, the batches and dropout", "device": "auto | cpu | cuda | cuda:N",
     "dtype": "fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)",
     "eval_interval": "validate every N steps", "eval_batches": "validation batches",
@@ -403,6 +423,8 @@ def resolve_configs(args):
         cfg = get_config(args.preset, **model_over)
         tc = replace(recipe_for(args.preset), **train_over)
     validate_train_config(tc)
+    if tc.clip_warmup_steps and cfg.attn_mode != "clipped":
+        raise ValueError(f"--clip-warmup-steps has no effect with attn_mode={cfg.attn_mode!r}: add --attn-mode clipped")
     return cfg, tc, ck
 
 
@@ -512,6 +534,7 @@ def main(argv=None):
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not master or args.quiet,
                dynamic_ncols=True)
     t0, tokens_since = time.perf_counter(), 0
+    set_gamma_scale(raw_model, clip_gamma_scale(start, tc))
     for step in bar:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -552,6 +575,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         tokens_since += sum(b["labels"].numel() for b in batches) * world
         done = step + 1
+        set_gamma_scale(raw_model, clip_gamma_scale(done, tc))  # for the evaluation below and the next step
         if done % tc.log_interval == 0 or done == tc.steps:
             dt = time.perf_counter() - t0
             rate = tokens_since / dt

@@ -430,6 +430,35 @@ def test_huge_lr_blows_up_with_clear_message(tmp_path, corpus):
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_clip_warmup_starts_as_softmax_and_ends_at_full_gamma(tmp_path, corpus):
+    """--clip-warmup-steps N: gamma * min(1, step / N). Step 0 is exactly plain softmax (the same first loss as a
+    softmax run from the same seed); the schedule reaches the full gamma at step N (here N = steps, the edge) and
+    the checkpoint, evaluated without the training loop, is the clipped model with its configured gamma."""
+    tc = train.TrainConfig(steps=10, clip_warmup_steps=4)
+    assert [train.clip_gamma_scale(s, tc) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert train.clip_gamma_scale(0, train.TrainConfig()) == 1.0  # off: the full gamma from the first step
+
+    soft = train.main(args("bert", corpus, "--steps", 6, "--out", tmp_path / "soft"))
+    clip_args = ["--attn-mode", "clipped", "--clip-alpha", "8"]
+    warm = train.main(args("bert", corpus, "--steps", 6, *clip_args, "--clip-warmup-steps", 6, "--out",
+                           tmp_path / "warm"))
+    cold = train.main(args("bert", corpus, "--steps", 6, *clip_args, "--out", tmp_path / "cold"))
+    first = lambda run: losses(run)[1]
+    assert first(tmp_path / "warm") == first(tmp_path / "soft")  # step 0: gamma = 0, softmax bit for bit
+    assert first(tmp_path / "cold") != first(tmp_path / "soft")
+    assert losses(tmp_path / "warm")[6] != losses(tmp_path / "soft")[6]  # later steps are clipped
+    # The final evaluation inside train.py used the full gamma: a fresh model from the checkpoint gives the same.
+    run = str(tmp_path / "warm")
+    ck = train.load_checkpoint(run)
+    cfg, tc_run = train.config_from_dict(ck["config"]), train.TrainConfig(**ck["train_config"])
+    model = build_model(cfg)
+    model.load_state_dict(ck["model"])
+    task = train.Task(cfg, tc_run, tokenizer_path=os.path.join(run, "vocab.txt"))
+    again = train.evaluate(model, task, 8, 2, "cpu")
+    assert again["val_ppl"] == pytest.approx(warm["val_ppl"], rel=1e-6)
+    assert warm["val_ppl"] != soft["val_ppl"] and warm["val_ppl"] != cold["val_ppl"]
+
+
 # ----------------------------------------------------------------------------------------------- 7. bad input
 BAD = [
     (["--preset", "bert-huge"], ["unknown preset", "bert-huge"]),
@@ -451,6 +480,8 @@ BAD = [
     (["--dtype", "fp8"], ["dtype='fp8'"]),
     (["--data", "/nonexistent/wiki"], ["/nonexistent/wiki"]),
     (["--device", "tpu"], ["tpu"]),
+    (["--clip-warmup-steps", "1"], ["--clip-warmup-steps", "attn_mode='softmax'", "--attn-mode clipped"]),
+    (["--attn-mode", "clipped", "--clip-alpha", "1", "--clip-warmup-steps", "5"], ["clip_warmup_steps=5", "steps=2"]),
 ]
 
 
