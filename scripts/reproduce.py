@@ -7,6 +7,7 @@
     python scripts/reproduce.py --sweep pi_init        # Figure 7: softmax, then the Linear gate for pi_init in PI_INITS
     python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3   # the three main rows (12.5 min)
     python scripts/reproduce.py --rows vanilla gated_linear --steps 500   # a subset, shorter
+    python scripts/reproduce.py --rows clipped_a1_warm clipped_a2_warm clipped_a4_warm --jobs 3   # gamma warm-up
 
 Each row trains one model with train.py (same preset, data, seed and recipe; only the attention differs) and
 evaluates it with eval_ptq.py (FP metric, max inf-norm, average kurtosis, W8A8 and W8A6 over 3 calibration
@@ -26,12 +27,15 @@ import torch
 
 # The rows of each model's table: (name, description, model flags). The small-scale settings are explained in
 # the README ("Why these settings"): alpha is scaled down for clipped softmax, the paper's alpha = 4 is a row of
-# its own.
+# its own. The *_warm rows (not in the paper) grow gamma from 0 over the first 2,000 steps (train.py
+# --clip-warmup-steps; they need >= 2,000 training steps).
 ROWS = {
     "bert": [
         ("vanilla", "softmax", []),
         ("clipped", "clipped softmax, alpha 1", ["--attn-mode", "clipped", "--clip-alpha", "1"]),
         ("clipped_a4", "clipped softmax, alpha 4 (paper)", ["--attn-mode", "clipped", "--clip-alpha", "4"]),
+        *[(f"clipped_a{a}_warm", f"clipped softmax, alpha {a}, gamma warm-up 2000", ["--attn-mode", "clipped",
+           "--clip-alpha", str(a), "--clip-warmup-steps", "2000"]) for a in (1, 2, 4)],
         ("gated_linear", "gated attention, Linear", ["--attn-mode", "gated", "--gate-type", "linear"]),
         ("gated_mlp", "gated attention, MLP n_hid 4 (paper's best for BERT)",
          ["--attn-mode", "gated", "--gate-type", "mlp", "--gate-hidden", "4"]),
