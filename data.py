@@ -1425,6 +1425,21 @@ class TextData:
         return f"text {self.source}: {', '.join(parts)}; vocab {self.vocab_size:,}; seq_len {self.seq_len}"
 
 
+def split_sequences(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A text batch with every sequence cut into consecutive pieces of `length` tokens: each (B, T) tensor becomes
+    (B * T / length, length), row b * (T / length) + k holding tokens k * length ... (k + 1) * length - 1 of row b.
+    The same tokens, labels and masks, with a shorter attention span. Causal-LM labels stay right, since they were
+    shifted before the cut (labels[:, t] is the token after input_ids[:, t]). Not in the paper: train.py's
+    --short-seq-len phase; BERT's own pre-training also ran its first 90% of steps on short sequences (128 of 512)."""
+    out = {}
+    for k, v in batch.items():
+        b, t = v.shape
+        if t % length:
+            raise ValueError(f"split_sequences: sequence length {t} is not a multiple of {length}")
+        out[k] = v.reshape(b * (t // length), length)  # (B, T) -> (B * T / length, length), row-major pieces
+    return out
+
+
 def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, list[_TextFile]]]:
     """(cache name, {split: files}) for a source string."""
     if source == "builtin":

@@ -58,6 +58,8 @@ class TrainConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0
     clip_warmup_steps: int = 0      # not in the paper: clipped softmax's gamma grows linearly from 0 over N steps
+    short_seq_len: int = 0          # text only: for the first short_seq_steps steps, train on sequences of this
+    short_seq_steps: int = 0        #   length (each T-token sequence cut into pieces; 0, 0: off). See split_sequences
     seed: int = 0
     device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
@@ -124,6 +126,12 @@ def validate_train_config(tc: TrainConfig) -> None:
         bad("dtype", "choose fp32, bf16 or fp16")
     if not 0 <= tc.clip_warmup_steps <= tc.steps:
         bad("clip_warmup_steps", f"must be in [0, steps={tc.steps}] so the trained model ends at its configured gamma")
+    if tc.short_seq_len < 0 or not 0 <= tc.short_seq_steps <= tc.steps:
+        bad("short_seq_steps", f"need short_seq_len >= 0 and 0 <= short_seq_steps <= steps={tc.steps} "
+                               f"(short_seq_len={tc.short_seq_len})")
+    if bool(tc.short_seq_len) != bool(tc.short_seq_steps):
+        bad("short_seq_len", f"give both --short-seq-len and --short-seq-steps, or neither "
+                             f"(short_seq_steps={tc.short_seq_steps})")
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -339,6 +347,9 @@ HELP = {
     "weight_decay": "AdamW weight decay", "wd_ln_gamma": "also decay LayerNorm weights (appendix B.3)",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
     "clip_warmup_steps": "clipped softmax (not in the paper): gamma grows linearly from 0 to its value over N steps",
+    "short_seq_len": "text, not in the paper: train the first --short-seq-steps steps on sequences of this length "
+                     "(each sequence cut into max_seq_len / S pieces)",
+    "short_seq_steps": "text: how many steps the --short-seq-len phase lasts (0: none)",
     "seed": "seed of the init, the batches and dropout", "device": "auto | cpu | cuda | cuda:N",
     "dtype": "fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)",
     "eval_interval": "validate every N steps", "eval_batches": "validation batches",
@@ -425,6 +436,11 @@ def resolve_configs(args):
     validate_train_config(tc)
     if tc.clip_warmup_steps and cfg.attn_mode != "clipped":
         raise ValueError(f"--clip-warmup-steps has no effect with attn_mode={cfg.attn_mode!r}: add --attn-mode clipped")
+    if tc.short_seq_len and cfg.arch == "vit":
+        raise ValueError("--short-seq-len applies to text models (BERT, OPT), not to ViT")
+    if tc.short_seq_len and (cfg.max_seq_len % tc.short_seq_len or tc.short_seq_len >= cfg.max_seq_len):
+        raise ValueError(f"--short-seq-len {tc.short_seq_len} must be smaller than max_seq_len={cfg.max_seq_len} and "
+                         f"divide it (e.g. {cfg.max_seq_len // 4})")
     return cfg, tc, ck
 
 
@@ -541,6 +557,8 @@ def main(argv=None):
             g["lr"] = lr
         batches = [to_device(task.batch("train", step * tc.grad_accum + i, micro, tc.seed, rank, world), device)
                    for i in range(tc.grad_accum)]
+        if step < tc.short_seq_steps:  # short phase: the same tokens, as (B * T / S, S) sequences
+            batches = [D.split_sequences(b, tc.short_seq_len) for b in batches]
         counts = torch.tensor([float(n_targets(b)) for b in batches], device=device)
         total = counts.sum()
         if ddp:

@@ -314,6 +314,27 @@ def test_clm_batch_is_shifted(text_data):
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_split_sequences_cuts_rows_into_consecutive_pieces(text_data, objective):
+    """(B, T) -> (B * T / S, S): row b * (T / S) + k is tokens k*S .. k*S + S - 1 of row b, for every tensor; causal-LM
+    labels are still the next tokens, also across the cut (the last label of a piece is the next piece's first
+    input)."""
+    get = text_data.mlm_batch if objective == "mlm" else text_data.clm_batch
+    full = get("train", step=3, batch_size=8, seed=0)  # (8, 16)
+    short = data.split_sequences(full, 4)
+    for k in full:
+        assert short[k].shape == (32, 4) and short[k].dtype == full[k].dtype
+        for b in range(8):
+            for j in range(4):
+                assert torch.equal(short[k][b * 4 + j], full[k][b, 4 * j: 4 * j + 4])
+    if objective == "clm":
+        x, y = short["input_ids"], short["labels"]
+        assert torch.equal(y[:, :-1], x[:, 1:])
+        assert torch.equal(y.view(8, 4, 4)[:, :-1, -1], x.view(8, 4, 4)[:, 1:, 0])
+    with pytest.raises(ValueError, match="not a multiple of 5"):
+        data.split_sequences(full, 5)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_batches_deterministic_and_sharded(text_data, objective):
     get = text_data.mlm_batch if objective == "mlm" else text_data.clm_batch
     full = get("train", step=7, batch_size=8, seed=3)

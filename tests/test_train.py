@@ -459,6 +459,33 @@ def test_clip_warmup_starts_as_softmax_and_ends_at_full_gamma(tmp_path, corpus):
     assert warm["val_ppl"] != soft["val_ppl"] and warm["val_ppl"] != cold["val_ppl"]
 
 
+@pytest.mark.parametrize("arch", ["bert", "opt"])
+def test_short_seq_phase_trains_first_steps_on_pieces(tmp_path, corpus, monkeypatch, arch):
+    """--short-seq-len S --short-seq-steps N: the first N training steps see the step's batch cut into pieces of S
+    tokens (the same tokens: (B * T / S, S)), every later step and every evaluation the full length T."""
+    seen = []
+    forward = train.build_model
+
+    def build_recording(cfg):
+        model = forward(cfg)
+        inner = model.forward
+
+        def recording(*a, **kw):
+            if model.training:
+                seen.append(tuple((kw.get("input_ids") if "input_ids" in kw else a[0]).shape))
+            return inner(*a, **kw)
+
+        model.forward = recording
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_recording)
+    last = train.main(args(arch, corpus, "--steps", 5, "--short-seq-len", 4, "--short-seq-steps", 2,
+                           "--eval-interval", 5, "--out", tmp_path / "run"))
+    assert seen == [(32, 4)] * 2 + [(8, 16)] * 3
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "run").values())
+    assert last["val_ppl"] > 0  # evaluated at full length inside train.py (eval forwards are not recorded)
+
+
 # ----------------------------------------------------------------------------------------------- 7. bad input
 BAD = [
     (["--preset", "bert-huge"], ["unknown preset", "bert-huge"]),
@@ -482,6 +509,10 @@ BAD = [
     (["--device", "tpu"], ["tpu"]),
     (["--clip-warmup-steps", "1"], ["--clip-warmup-steps", "attn_mode='softmax'", "--attn-mode clipped"]),
     (["--attn-mode", "clipped", "--clip-alpha", "1", "--clip-warmup-steps", "5"], ["clip_warmup_steps=5", "steps=2"]),
+    (["--short-seq-len", "4"], ["short_seq_len=4", "--short-seq-steps"]),
+    (["--short-seq-len", "5", "--short-seq-steps", "1"], ["--short-seq-len 5", "max_seq_len=16", "divide"]),
+    (["--short-seq-len", "16", "--short-seq-steps", "1"], ["--short-seq-len 16", "smaller"]),
+    (["--short-seq-len", "4", "--short-seq-steps", "3"], ["short_seq_steps=3", "steps=2"]),
 ]
 
 
@@ -494,6 +525,14 @@ def test_bad_input_one_clear_error(tmp_path, corpus, extra, needles):
     for n in needles:
         assert n in msg, msg
     assert not (out / "ckpt.pt").exists() and not (out / "log.jsonl").exists()
+
+
+def test_short_seq_len_on_vit_one_clear_error(tmp_path, corpus):
+    with pytest.raises(SystemExit) as e:
+        train.main(args("vit", corpus, "--steps", 2, "--short-seq-len", 4, "--short-seq-steps", 1,
+                        "--out", tmp_path / "run"))
+    assert "--short-seq-len applies to text models" in exit_message(e)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
