@@ -8,6 +8,8 @@
     python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3   # the three main rows (12.5 min)
     python scripts/reproduce.py --rows vanilla gated_linear --steps 500   # a subset, shorter
     python scripts/reproduce.py --rows clipped_a1_warm clipped_a2_warm clipped_a4_warm --jobs 3   # gamma warm-up
+    python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3 --train-args "--short-seq-len 32 --short-seq-steps 1000"
+                                                       # first 1,000 steps on 32-token pieces (README: the plateau)
 
 Each row trains one model with train.py (same preset, data, seed and recipe; only the attention differs) and
 evaluates it with eval_ptq.py (FP metric, max inf-norm, average kurtosis, W8A8 and W8A6 over 3 calibration
