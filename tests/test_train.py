@@ -464,10 +464,10 @@ def test_short_seq_phase_trains_first_steps_on_pieces(tmp_path, corpus, monkeypa
     """--short-seq-len S --short-seq-steps N: the first N training steps see the step's batch cut into pieces of S
     tokens (the same tokens: (B * T / S, S)), every later step and every evaluation the full length T."""
     seen = []
-    forward = train.build_model
+    build = train.build_model
 
     def build_recording(cfg):
-        model = forward(cfg)
+        model = build(cfg)
         inner = model.forward
 
         def recording(*a, **kw):
