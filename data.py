@@ -116,7 +116,6 @@ import re
 import sys
 import sysconfig
 import unicodedata
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +125,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from checkpoint import atomic_write
 
 __all__ = [
     "DataError", "make_generator", "batch_indices", "shard",
@@ -354,7 +355,7 @@ class WordPieceTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write vocab.txt (UTF-8, one token per line, trailing newline), atomically."""
-        _atomic_write_bytes(Path(path), ("\n".join(self.vocab) + "\n").encode("utf-8"))
+        atomic_write(Path(path), ("\n".join(self.vocab) + "\n").encode("utf-8"))
 
     # -- properties ------------------------------------------------------------------------------------------------
 
@@ -717,7 +718,7 @@ class ByteLevelBPETokenizer:
         """Write the whole tokenizer as one UTF-8 JSON file, atomically (a run folder keeps it as vocab.txt)."""
         d = {"format": BPE_FORMAT, "add_prefix_space": self.add_prefix_space, "add_bos_token": self.add_bos_token,
              "special_tokens": self.special_tokens, "vocab": self.vocab, "merges": [f"{a} {b}" for a, b in self.merges]}
-        _atomic_write_bytes(Path(path), (json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8"))
+        atomic_write(Path(path), (json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8"))
 
     # -- properties ------------------------------------------------------------------------------------------------
 
@@ -859,17 +860,6 @@ class _TextFile:
         st = self.path.stat()
         return [str(self.path.resolve()), st.st_size, st.st_mtime_ns, self.start_frac, self.end_frac,
                 self.wikitext_tokens]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _listing(folder: Path, limit: int = 12) -> str:
@@ -1145,7 +1135,7 @@ def _builtin_text_files(cache_dir: Path) -> dict[str, list[_TextFile]]:
     if not all(p.is_file() for p in out.values()):
         train, valid = _builtin_text_cached()
         for split, docs in (("train", train), ("valid", valid)):
-            _atomic_write_bytes(out[split], ("\n".join(docs) + "\n").encode("utf-8"))
+            atomic_write(out[split], ("\n".join(docs) + "\n").encode("utf-8"))
     return {s: [_TextFile(p)] for s, p in out.items()}
 
 
@@ -1220,7 +1210,7 @@ def _synthetic_text_files(cache_dir: Path) -> dict[str, list[_TextFile]]:
     out = {s: cache_dir / f"synthetic-text-{key}.{s}.txt" for s in ("train", "valid")}
     if not all(p.is_file() for p in out.values()):
         for split, docs in zip(("train", "valid"), synthetic_text()):
-            _atomic_write_bytes(out[split], ("\n".join(docs) + "\n").encode("utf-8"))
+            atomic_write(out[split], ("\n".join(docs) + "\n").encode("utf-8"))
     return {s: [_TextFile(p)] for s, p in out.items()}
 
 
@@ -1236,31 +1226,27 @@ def _encode_to_memmap(files: Sequence[_TextFile], tokenizer: WordPieceTokenizer,
     """Tokenise the documents of `files` as [CLS] doc [SEP] ... into a flat binary file (written atomically)."""
     dtype = _token_dtype(tokenizer.vocab_size)
     typecode = "H" if dtype == np.uint16 else ("I" if array.array("I").itemsize == 4 else "L")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    n_docs = 0
-    try:
-        with open(tmp, "wb") as out:
-            buf = array.array(typecode)
-            for doc in _iter_documents(files, desc=f"tokenising {path.name}"):
-                ids = tokenizer.encode(doc)
-                if not ids:
-                    continue
-                buf.append(tokenizer.cls_id)
-                buf.extend(ids)
-                if tokenizer.sep_id != tokenizer.cls_id:  # OPT / GPT-2: one "</s>" between documents
-                    buf.append(tokenizer.sep_id)
-                n_docs += 1
-                if len(buf) >= (1 << 20):
-                    buf.tofile(out)
-                    buf = array.array(typecode)
-            buf.tofile(out)
+
+    def write(out):
+        n_docs = 0
+        buf = array.array(typecode)
+        for doc in _iter_documents(files, desc=f"tokenising {path.name}"):
+            ids = tokenizer.encode(doc)
+            if not ids:
+                continue
+            buf.append(tokenizer.cls_id)
+            buf.extend(ids)
+            if tokenizer.sep_id != tokenizer.cls_id:  # OPT / GPT-2: one "</s>" between documents
+                buf.append(tokenizer.sep_id)
+            n_docs += 1
+            if len(buf) >= (1 << 20):
+                buf.tofile(out)
+                buf = array.array(typecode)
+        buf.tofile(out)
         if n_docs == 0:
             raise DataError(f"{', '.join(str(f.path) for f in files)}: expected text, found no non-blank lines")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
     return np.memmap(path, dtype=dtype, mode="r")
 
 

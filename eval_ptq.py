@@ -29,7 +29,9 @@ import torch
 from tqdm import tqdm
 
 import quant as Q
-from train import Task, TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, pick_device, to_device
+from checkpoint import atomic_write, load_checkpoint, pick_device
+from model import model_from_checkpoint
+from train import Task, TrainConfig, evaluate, to_device
 
 def parse_bits(s: str):
     """'W8A8' -> (8, 8)."""
@@ -233,10 +235,7 @@ def _main(args):
     os.makedirs(out, exist_ok=True)
     label = args.label or describe(cfg)
     result["label"] = label
-    tmp = os.path.join(out, "ptq.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, "ptq.json"))
+    atomic_write(os.path.join(out, "ptq.json"), json.dumps(result, indent=1))
     with open(os.path.join(out, "ptq.md"), "w") as f:
         f.write(markdown_header(cfg.arch, [k for k in result["ptq"]]) + markdown_row(result) + "\n")
     return result

@@ -89,7 +89,8 @@ import torch
 
 import data as D
 import train
-from model import BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict
+from checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from model import BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, model_from_checkpoint
 
 # ------------------------------------------------------------------------------------------------- safetensors
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -206,20 +207,16 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for k in names:
-                t = tensors[k].detach().cpu().contiguous()
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in names:
+            t = tensors[k].detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+    atomic_write(path, write)
 
 
 # -------------------------------------------------------------------------------------------- weight folders
@@ -809,7 +806,7 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
           "vocab": tokenizer.vocab if tokenizer is not None else None, "metrics": None,
           "imported_from": {"folder": os.path.abspath(hf_folder), "config": read_hf_config(hf_folder),
                             "notes": notes}}
-    train.save_checkpoint(str(run / "ckpt.pt"), ck)
+    save_checkpoint(str(run / "ckpt.pt"), ck)
     return ck
 
 
@@ -829,8 +826,8 @@ def _cmd_import(args):
 
 
 def _cmd_export(args):
-    ck = train.load_checkpoint(args.run_folder)
-    model, cfg = train.model_from_checkpoint(ck)
+    ck = load_checkpoint(args.run_folder)
+    model, cfg = model_from_checkpoint(ck)
     run_dir = args.run_folder if os.path.isdir(args.run_folder) else os.path.dirname(os.path.abspath(args.run_folder))
     tokenizer = None
     if cfg.arch != "vit" and os.path.isfile(os.path.join(run_dir, "vocab.txt")):

@@ -492,6 +492,17 @@ class ViT(_Transformer):
         return logits, loss
 
 
+def model_from_checkpoint(ck: dict):
+    """Rebuild the model a checkpoint describes and load its weights (strictly: a mismatch is an error)."""
+    cfg = config_from_dict(ck["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not fit its config ({cfg.arch}): {e}") from e
+    return model, cfg
+
+
 def gate_param_count(model: nn.Module) -> int:
     """Parameters that gated attention adds (all gates of all layers)."""
     return sum(p.numel() for n, p in model.named_parameters() if ".gate." in n)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import data as D
 from attention import SelfAttention
+from checkpoint import load_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, get_config
 from quant import OutlierStats
 
@@ -271,57 +272,6 @@ def _plain_forward(model, batch, record):
     return model(**batch, record=record)
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str, obj: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace (the old file stays intact until
-    the new one is complete)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by train.py (a file, or a run folder holding ckpt.pt)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}: give a run folder (with ckpt.pt) or a .pt file "
-                                f"written by train.py")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise ValueError(f"{path!r} is not a train.py checkpoint (it lacks 'model' and 'config')")
-    return ck
-
-
-def model_from_checkpoint(ck: dict):
-    """Rebuild the model a checkpoint describes and load its weights (strictly: a mismatch is an error)."""
-    cfg = config_from_dict(ck["config"])
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit its config ({cfg.arch}): {e}") from e
-    return model, cfg
-
-
-def rng_state():
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------------- CLI
 HELP = {
     "n_layers": "number of transformer blocks", "n_heads": "attention heads", "d_model": "hidden width",
@@ -442,14 +392,6 @@ def resolve_configs(args):
         raise ValueError(f"--short-seq-len {tc.short_seq_len} must be smaller than max_seq_len={cfg.max_seq_len} and "
                          f"divide it (e.g. {cfg.max_seq_len // 4})")
     return cfg, tc, ck
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -43,8 +43,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import quant as Q  # noqa: E402
 from eval_ptq import describe  # noqa: E402
-from train import (Task, TrainConfig, load_checkpoint, model_from_checkpoint, pick_device,  # noqa: E402
-                   to_device)
+from checkpoint import load_checkpoint, pick_device  # noqa: E402
+from model import model_from_checkpoint  # noqa: E402
+from train import Task, TrainConfig, to_device  # noqa: E402
 
 KINDS = ("attn_out", "attn_residual_sum", "attn_ln_out", "ffn_out", "ffn_residual_sum", "ffn_ln_out")
 N_STD = 6.0  # section 3, footnote 1

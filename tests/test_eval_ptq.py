@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 import eval_ptq
 import quant
+import checkpoint
 import train
 from helpers import tiny_data_env, write_corpus
 
@@ -85,7 +86,7 @@ def check_fp_model_untouched(spy, run):
     assert after.keys() == spy.before.keys()
     for k in after:
         assert torch.equal(after[k], spy.before[k]), k
-    ck = train.load_checkpoint(str(run))
+    ck = checkpoint.load_checkpoint(str(run))
     for k, v in ck["model"].items():
         assert torch.equal(after[k], v), k
     for name, m in spy.model.named_modules():
@@ -118,7 +119,7 @@ def test_ptq_end_to_end(runs, arch, tmp_path, monkeypatch, capsys):
 
     # the FP evaluation is train.py's: the same numbers as the training run's last eval
     fp = res["fp"]
-    last = train.load_checkpoint(str(run))["metrics"]
+    last = checkpoint.load_checkpoint(str(run))["metrics"]
     for k in ("val_loss", "val_" + m, "max_inf_norm/ffn_out", "kurtosis/ffn_out"):
         assert fp[k] == pytest.approx(last[k], rel=1e-6), k
     assert fp["max_inf_norm"] >= fp["max_inf_norm/ffn_out"] and fp["avg_kurtosis"] > 0

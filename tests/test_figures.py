@@ -25,6 +25,7 @@ import data
 import eval_ptq
 import model as M
 import quant
+import checkpoint
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,7 @@ def _save_run(folder, cfg, train_config, vocab=None, seed=0):
     torch.manual_seed(seed)
     m = M.build_model(cfg)
     folder.mkdir(parents=True)
-    train.save_checkpoint(str(folder / "ckpt.pt"), {"model": m.state_dict(), "config": M.config_to_dict(cfg),
+    checkpoint.save_checkpoint(str(folder / "ckpt.pt"), {"model": m.state_dict(), "config": M.config_to_dict(cfg),
                                                     "train_config": train_config, "step": 0})
     if vocab is not None:
         shutil.copy(vocab, folder / "vocab.txt")
@@ -90,7 +91,7 @@ def repro(tmp_path_factory):
                 "--batch-size", "8", "--steps", "4", "--warmup-steps", "1", "--lr", "3e-3", "--eval-interval", "2",
                 "--log-interval", "2", "--eval-batches", "2", "--eval-batch-size", "8",
                 "--out", str(bert / "vanilla")])
-    tc = train.load_checkpoint(str(bert / "vanilla"))["train_config"]
+    tc = checkpoint.load_checkpoint(str(bert / "vanilla"))["train_config"]
     vocab = bert / "vanilla" / "vocab.txt"
     small = dict(SHAPE, max_seq_len=16, vocab_size=128)
     _save_run(bert / "clipped", M.get_config("bert-small", attn_mode="clipped", clip_alpha=1.0, **small), tc, vocab)

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import data
+import checkpoint
 import train
+from model import model_from_checkpoint
 from helpers import tiny_data_env, write_corpus
 from model import build_model, get_config
 
@@ -71,7 +73,7 @@ def losses(run):
 
 
 def weights(run):
-    return train.load_checkpoint(str(run))["model"]
+    return checkpoint.load_checkpoint(str(run))["model"]
 
 
 def assert_state_equal(a, b):
@@ -120,11 +122,11 @@ def test_tiny_run_writes_checkpoint_log_and_vocab(tmp_path, corpus, arch, varian
         assert all(torch.isfinite(torch.tensor(v)) for k, v in r.items() if k != "step")
     assert res == {k: v for k, v in evals[-1].items() if k != "step"}  # main returns the last eval
 
-    ck = train.load_checkpoint(str(out))
+    ck = checkpoint.load_checkpoint(str(out))
     assert ck["step"] == 4 and ck["metrics"] == res
     tc = train.TrainConfig(**ck["train_config"])
     assert [r["lr"] for r in steps] == [train.lr_at(s, tc) for s in range(4)]
-    model, cfg = train.model_from_checkpoint(ck)
+    model, cfg = model_from_checkpoint(ck)
     assert (cfg.arch, cfg.attn_mode, cfg.n_layers, cfg.d_model) == (arch, variant[1], 1, 32)
     assert ck["train_config"]["steps"] == 4 and ck["train_config"]["batch_size"] == 8
     if arch == "bert":
@@ -182,12 +184,12 @@ def test_resume_is_exact(tmp_path, corpus, monkeypatch):
         _interrupt_after_checkpoint(m, 3)
         with pytest.raises(_Interrupted):
             train.main(argv + ["--out", str(parts)])
-    assert train.load_checkpoint(str(parts))["step"] == 3 and sorted(losses(parts)) == [1, 2, 3]
+    assert checkpoint.load_checkpoint(str(parts))["step"] == 3 and sorted(losses(parts)) == [1, 2, 3]
     res_b = train.main(["--resume", str(parts), "--quiet"])
 
     assert losses(straight) == losses(parts) and sorted(losses(parts)) == [1, 2, 3, 4, 5, 6]
     assert res_a == res_b
-    a, b = train.load_checkpoint(str(straight)), train.load_checkpoint(str(parts))
+    a, b = checkpoint.load_checkpoint(str(straight)), checkpoint.load_checkpoint(str(parts))
     assert_state_equal(a["model"], b["model"])
     assert_state_equal({k: v for s in a["optimizer"]["state"].values() for k, v in s.items()},
                        {k: v for s in b["optimizer"]["state"].values() for k, v in s.items()})
@@ -226,13 +228,13 @@ def test_killed_run_keeps_last_checkpoint_and_resumes(tmp_path, corpus, env):
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    ck = train.load_checkpoint(str(out))  # intact: checkpoints are written to a temporary file, then renamed
+    ck = checkpoint.load_checkpoint(str(out))  # intact: checkpoints are written to a temporary file, then renamed
     assert 5 <= ck["step"] < 200 and ck["step"] % 5 == 0
-    model, _ = train.model_from_checkpoint(ck)
+    model, _ = model_from_checkpoint(ck)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     train.main(["--resume", str(out), "--quiet"])
-    assert train.load_checkpoint(str(out))["step"] == 200
+    assert checkpoint.load_checkpoint(str(out))["step"] == 200
     got = losses(out)  # the killed process may have logged steps past its checkpoint: the resumed records win
     assert sorted(got) == list(range(1, 201))
     assert [r["step"] for r in read_log(out) if r.get("event") == "resume"] == [ck["step"]]
@@ -247,18 +249,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash in the middle of writing a checkpoint (here: torch.save dies after half a file) leaves the previous
     checkpoint as it was."""
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
     before = open(path, "rb").read()
 
     def dying_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(before[: len(before) // 2])
+        f.write(before[: len(before) // 2])
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
     assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file is gone
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +289,7 @@ def test_bad_checkpoint_gives_clear_error(tmp_path, finished_run, damage):
     else:
         torch.save({"weights": torch.zeros(3)}, ckpt)
     with pytest.raises(ValueError, match="ckpt.pt"):
-        train.load_checkpoint(str(run))
+        checkpoint.load_checkpoint(str(run))
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(run), "--quiet"])
     msg = exit_message(e)
@@ -311,7 +313,7 @@ def test_new_run_replaces_a_stale_vocab(tmp_path, corpus):
     run.mkdir()
     (run / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nstale\n")
     train.main(args("bert", corpus, "--steps", 1, "--out", run))
-    assert (run / "vocab.txt").read_text().split("\n")[:-1] == train.load_checkpoint(str(run))["vocab"]
+    assert (run / "vocab.txt").read_text().split("\n")[:-1] == checkpoint.load_checkpoint(str(run))["vocab"]
 
 
 # --------------------------------------------------------------------------------------- 4. DDP (torchrun, gloo)
@@ -332,7 +334,7 @@ def test_torchrun_two_processes_match_one(tmp_path, corpus, env, arch):
     assert read_log(ddp)[0]["world_size"] == 2
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
     assert_state_close(weights(ddp), weights(single), rtol=1e-5, atol=1e-5)
-    res2 = train.load_checkpoint(str(ddp))["metrics"]
+    res2 = checkpoint.load_checkpoint(str(ddp))["metrics"]
     assert res2["val_loss"] == pytest.approx(res1["val_loss"], rel=1e-5)
 
 
@@ -409,7 +411,7 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkey
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train.main(args("bert", corpus, "--steps", 10, "--ckpt-interval", 2, "--eval-interval", 100, "--out", out))
-    ck = train.load_checkpoint(str(out))
+    ck = checkpoint.load_checkpoint(str(out))
     assert ck["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     msg = exit_message(e)
@@ -426,7 +428,7 @@ def test_huge_lr_blows_up_with_clear_message(tmp_path, corpus):
                         "--ckpt-interval", 1, "--out", tmp_path / "run"))
     msg = exit_message(e)
     assert "became" in msg and ("nan" in msg or "inf" in msg)
-    ck = train.load_checkpoint(str(tmp_path / "run"))
+    ck = checkpoint.load_checkpoint(str(tmp_path / "run"))
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -449,7 +451,7 @@ def test_clip_warmup_starts_as_softmax_and_ends_at_full_gamma(tmp_path, corpus):
     assert losses(tmp_path / "warm")[6] != losses(tmp_path / "soft")[6]  # later steps are clipped
     # The final evaluation inside train.py used the full gamma: a fresh model from the checkpoint gives the same.
     run = str(tmp_path / "warm")
-    ck = train.load_checkpoint(run)
+    ck = checkpoint.load_checkpoint(run)
     cfg, tc_run = train.config_from_dict(ck["config"]), train.TrainConfig(**ck["train_config"])
     model = build_model(cfg)
     model.load_state_dict(ck["model"])
