@@ -87,7 +87,7 @@ from pathlib import Path
 
 import torch
 
-import data as D
+import tokenizer as T
 import train
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from model import BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, model_from_checkpoint
@@ -682,10 +682,10 @@ def load_hf_tokenizer(folder: str | os.PathLike):
         if config.get("tokenize_chinese_chars", True) is not True:
             raise ValueError(f"{folder}: tokenize_chinese_chars=false cannot be represented: the project's WordPiece "
                              f"always splits CJK ideographs")
-        return D.WordPieceTokenizer.load(folder / "vocab.txt",
+        return T.WordPieceTokenizer.load(folder / "vocab.txt",
                                          lowercase=lowercase if isinstance(lowercase, bool) else None)
     if (folder / "vocab.json").is_file():
-        return D.ByteLevelBPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+        return T.ByteLevelBPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
     return None
 
 
@@ -694,14 +694,14 @@ def save_hf_tokenizer(tokenizer, folder: str | os.PathLike, max_seq_len: int | N
     (GPT2Tokenizer), with special_tokens_map.json and tokenizer_config.json."""
     folder = Path(folder)
     extra = {"model_max_length": max_seq_len} if max_seq_len else {}
-    if isinstance(tokenizer, D.WordPieceTokenizer):
+    if isinstance(tokenizer, T.WordPieceTokenizer):
         tokenizer.save(folder / "vocab.txt")
         specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                     "mask_token": "[MASK]"}
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lowercase, "strip_accents": None,
                   "tokenize_chinese_chars": True, **extra, **specials}
         files = ["vocab.txt"]
-    elif isinstance(tokenizer, D.ByteLevelBPETokenizer):
+    elif isinstance(tokenizer, T.ByteLevelBPETokenizer):
         (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokenizer.vocab)},
                                                       ensure_ascii=False) + "\n", encoding="utf-8")
         (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges),
@@ -789,7 +789,7 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
     notes: list[str] = []
     model, cfg, tokenizer = load_hf_model(hf_folder, max_seq_len=max_seq_len, notes=notes)
     if tokenizer_path:
-        tokenizer = D.load_tokenizer(tokenizer_path)
+        tokenizer = T.load_tokenizer(tokenizer_path)
     if cfg.arch != "vit" and tokenizer is None:
         raise ValueError(f"{hf_folder} has no tokenizer (vocab.txt, or vocab.json + merges.txt), which evaluation "
                          f"needs: pass --tokenizer PATH")
@@ -800,7 +800,7 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
     run.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(run / "vocab.txt")
-        if isinstance(tokenizer, D.WordPieceTokenizer):  # data.load_tokenizer reads do_lower_case from here
+        if isinstance(tokenizer, T.WordPieceTokenizer):  # data.load_tokenizer reads do_lower_case from here
             (run / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": tokenizer.lowercase}) + "\n")
     ck = {"model": model.state_dict(), "config": config_to_dict(cfg), "train_config": asdict(tc), "step": 0,
           "vocab": tokenizer.vocab if tokenizer is not None else None, "metrics": None,
@@ -831,7 +831,7 @@ def _cmd_export(args):
     run_dir = args.run_folder if os.path.isdir(args.run_folder) else os.path.dirname(os.path.abspath(args.run_folder))
     tokenizer = None
     if cfg.arch != "vit" and os.path.isfile(os.path.join(run_dir, "vocab.txt")):
-        tokenizer = D.load_tokenizer(os.path.join(run_dir, "vocab.txt"))
+        tokenizer = T.load_tokenizer(os.path.join(run_dir, "vocab.txt"))
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     shard = int(args.max_shard_size_mb * (1 << 20)) if args.max_shard_size_mb else None
     files = export_hf(model, args.hf_folder, tokenizer, safetensors=args.format == "safetensors", shard_size=shard,

@@ -17,7 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
-from data import DataError, WordPieceTokenizer  # noqa: E402
+import tokenizer as T
+from data import DataError  # noqa: E402
+from tokenizer import WordPieceTokenizer  # noqa: E402
 
 HAND_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "hello", ",", "world", "!",
               "cat", "##s", ".", "a"]
@@ -124,7 +126,7 @@ def test_build_is_deterministic(tmp_path):
     a.save(tmp_path / "a.txt")
     b.save(tmp_path / "b.txt")
     assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
-    assert a.vocab[:5] == list(data.SPECIAL_TOKENS)
+    assert a.vocab[:5] == list(T.SPECIAL_TOKENS)
     assert a.vocab_size == 60
     for line in lines[:50]:  # every word of the training alphabet is representable and round-trips
         ids = a.encode(line)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+import tokenizer as T
 from helpers import small_image_loader
 import eval_ptq
 import hf_checkpoint as H
@@ -235,7 +236,7 @@ def ref_vit(sd, images, patch, eps=1e-12):
 def bpe_files(specials="opt"):
     """vocab.json / merges.txt (and OPT's special-token files) of a tiny byte-level BPE: the 4 specials, the 256
     byte symbols in byte order (ids 4..259), then the merge results."""
-    bu = D.bytes_to_unicode()
+    bu = T.bytes_to_unicode()
     merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
               ("Ġwor", "l"), ("Ġworl", "d"), ("Ġ", "t"), ("h", "e")]  # the last is a duplicate: rank 0 wins
     first = ["<s>", "<pad>", "</s>", "<unk>"] if specials == "opt" else ["<|endoftext|>"]
@@ -614,14 +615,14 @@ def test_wordpiece_from_hf_folder_follows_do_lower_case(tmp_path):
     folder = write_hf(tmp_path / "uncased", cfg, sd, files=files)
     tok = H.load_hf_model(folder)[2]
     assert tok.lowercase is True and tok.encode("Hello worlds!") == [6, 7, 8, 10]
-    assert D.load_tokenizer(folder).lowercase is True and D.load_tokenizer(folder / "vocab.txt").lowercase is True
+    assert T.load_tokenizer(folder).lowercase is True and T.load_tokenizer(folder / "vocab.txt").lowercase is True
     files["tokenizer_config.json"] = json.dumps({"do_lower_case": True, "strip_accents": False})
     with pytest.raises(ValueError, match="strip_accents"):
         H.load_hf_model(write_hf(tmp_path / "accents", cfg, sd, files=files))
 
 
 def test_gpt2_pretokenizer_pieces():
-    pieces = D.gpt2_pretokenizer().findall("Hello world's  123!!\n\n x ²½ naïve\u3000東京 don't")
+    pieces = T.gpt2_pretokenizer().findall("Hello world's  123!!\n\n x ²½ naïve\u3000東京 don't")
     assert pieces == ["Hello", " world", "'s", " ", " 123", "!!", "\n\n", " x", " ²½", " naïve", "\u3000", "東京",
                       " don", "'t"]
 
@@ -632,7 +633,7 @@ def test_byte_level_bpe_known_ids(tmp_path):
     folder.mkdir()
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
-    tok = D.ByteLevelBPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    tok = T.ByteLevelBPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
     ids = {t: i for i, t in enumerate(vocab)}
     byte = {b: 4 + b for b in range(256)}
     # OPT's special tokens: "</s>" = 2 begins and ends documents
@@ -654,8 +655,8 @@ def test_byte_level_bpe_known_ids(tmp_path):
     # one-file form (a run folder's vocab.txt) and data.load_tokenizer on every kind of path
     tok.save(tmp_path / "vocab.txt")
     for path in (tmp_path / "vocab.txt", folder, folder / "vocab.json"):
-        other = D.load_tokenizer(path)
-        assert isinstance(other, D.ByteLevelBPETokenizer) and other.hash() == tok.hash(), path
+        other = T.load_tokenizer(path)
+        assert isinstance(other, T.ByteLevelBPETokenizer) and other.hash() == tok.hash(), path
         assert other.encode(text) == tok.encode(text) and other.special_tokens == tok.special_tokens
     # GPT-2's conventions when the folder has no special-token files
     files2, _ = bpe_files("gpt2")
@@ -663,7 +664,7 @@ def test_byte_level_bpe_known_ids(tmp_path):
     g.mkdir()
     for name, text in files2.items():
         (g / name).write_text(text, encoding="utf-8")
-    gpt2 = D.load_tokenizer(g)
+    gpt2 = T.load_tokenizer(g)
     assert (gpt2.cls_id, gpt2.sep_id, gpt2.unk_id, gpt2.pad_id, gpt2.special_ids) == (0, 0, 0, 0, (0,))
 
 
@@ -673,15 +674,15 @@ def test_byte_level_bpe_bad_files(tmp_path):
         (tmp_path / name).write_text(text, encoding="utf-8")
     (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\nh e l\n")
     with pytest.raises(D.DataError, match=r"merges.txt line 3"):
-        D.load_tokenizer(tmp_path)
+        T.load_tokenizer(tmp_path)
     (tmp_path / "merges.txt").write_text("#version: 0.2\nq z\n")
     with pytest.raises(D.DataError, match=r"'qz' is not in the vocabulary"):
-        D.load_tokenizer(tmp_path)
+        T.load_tokenizer(tmp_path)
     table = {t: i for i, t in enumerate(vocab)}
     table["hello"] = 999
     (tmp_path / "vocab.json").write_text(json.dumps(table))
     with pytest.raises(D.DataError, match=r"vocab.json: expected the ids 0 .. 269 once each, id 263 is missing"):
-        D.load_tokenizer(tmp_path)
+        T.load_tokenizer(tmp_path)
 
 
 def test_bpe_text_data_puts_one_eos_between_documents(tmp_path):

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import data
+import tokenizer as T
 import checkpoint
 import train
 from model import model_from_checkpoint
@@ -132,7 +132,7 @@ def test_tiny_run_writes_checkpoint_log_and_vocab(tmp_path, corpus, arch, varian
     if arch == "bert":
         assert ck["train_config"]["wd_ln_gamma"] is True and cfg.clip_alpha == 4.0
     if arch != "vit":
-        tok = data.WordPieceTokenizer.load(out / "vocab.txt")
+        tok = T.WordPieceTokenizer.load(out / "vocab.txt")
         assert tok.vocab == ck["vocab"] and tok.vocab_size <= cfg.vocab_size
 
 
