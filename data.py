@@ -122,7 +122,7 @@ __all__ = [
     "DataError", "make_generator", "batch_indices", "shard",
     "builtin_text", "find_wikitext", "TokenDataset", "mlm_mask", "TextData", "load_text_data",
     "read_cifar10", "builtin_images", "random_crop_flip_params", "crop_flip", "random_crop_flip", "resize",
-    "normalize", "ImageData", "load_image_data",
+    "normalize", "ImageData", "load_image_data", "Task", "eval_sizes",
 ]
 
 CACHE_FORMAT = "qt-data-v1"  # bump to invalidate every cache file written by an older data.py
@@ -1117,3 +1117,76 @@ def load_image_data(source: str = "builtin", image_size: int = 32, n_train: int 
     return ImageData(images={"train": x_tr, "valid": x_va}, labels={"train": y_tr, "valid": y_va},
                      image_size=image_size, mean=mean, std=std, class_names=names, source=source, pad=pad,
                      padding_mode=padding_mode)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The data side of a task: one object per architecture's objective, used by training, evaluation and the figures
+# ------------------------------------------------------------------------------------------------------------------
+
+TASKS = {"bert": "mlm", "opt": "clm", "vit": "image"}  # model arch -> the objective its data serves
+
+
+class Task:
+    """Training batches by step, validation batches, for one objective: "mlm" (BERT), "clm" (OPT) or "image"
+    (ViT). Knows no model: `Task.for_config(cfg, source)` reads only the config fields it needs (arch, vocab_size,
+    max_seq_len, image_size, n_classes) and checks that the data fits them."""
+
+    def __init__(self, arch: str, source: str = "builtin", vocab: str = "", vocab_size: int = 8192,
+                 seq_len: int = 128, image_size: int = 32, n_classes: int | None = None,
+                 cache_dir: str | None = None):
+        if arch not in TASKS:
+            raise ValueError(f"arch={arch!r}: expected one of {sorted(TASKS)}")
+        self.arch = arch
+        if arch == "vit":
+            self.data = load_image_data("builtin" if source in ("builtin", "") else source, image_size=image_size)
+            self.tokenizer = None
+            if n_classes is not None and self.data.num_classes != n_classes:
+                raise ValueError(f"the data has {self.data.num_classes} classes but the model has n_classes="
+                                 f"{n_classes}: pass --n-classes {self.data.num_classes}")
+        else:
+            self.data = load_text_data(source, tokenizer=vocab or None, vocab_size=vocab_size, seq_len=seq_len,
+                                       cache_dir=cache_dir)
+            self.tokenizer = self.data.tokenizer
+            if self.tokenizer.vocab_size > vocab_size:
+                raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
+                                 f"is {vocab_size}: pass --vocab-size {self.tokenizer.vocab_size} or more")
+
+    @classmethod
+    def for_config(cls, cfg, source: str = "builtin", vocab: str = "", cache_dir: str | None = None) -> "Task":
+        """The task a model config trains on (any object with arch and the fields of its architecture)."""
+        if cfg.arch == "vit":
+            return cls("vit", source, image_size=cfg.image_size, n_classes=cfg.n_classes)
+        return cls(cfg.arch, source, vocab=vocab, vocab_size=cfg.vocab_size, seq_len=cfg.max_seq_len,
+                   cache_dir=cache_dir)
+
+    @classmethod
+    def for_run(cls, cfg, run_dir: str, train_config: dict, source: str = "") -> "Task":
+        """The validation data of a run folder: `source`, or the data the run was trained on, tokenised with the
+        vocab.txt saved in the run folder (a clear error if it is missing)."""
+        source = source or train_config.get("data", "builtin")
+        vocab = ""
+        if cfg.arch != "vit":
+            vocab = os.path.join(run_dir, "vocab.txt")
+            if not os.path.isfile(vocab):
+                raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
+        return cls.for_config(cfg, source, vocab)
+
+    def batch(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
+        """The batch of `step` (a pure function of seed and step); rank r of world_size takes its shard."""
+        if self.arch == "bert":
+            return self.data.mlm_batch(split, step, batch_size, seed, rank, world_size)
+        if self.arch == "opt":
+            return self.data.clm_batch(split, step, batch_size, seed, rank, world_size)
+        augment = (split == "train") if augment is None else augment
+        return self.data.batch(split, step, batch_size, seed, rank, world_size, augment=augment)
+
+    def iter_valid(self, batch_size, max_batches):
+        if self.arch == "vit":
+            return self.data.iter_valid(batch_size, max_batches)
+        return self.data.iter_valid(batch_size, objective=TASKS[self.arch], max_batches=max_batches)
+
+
+def eval_sizes(train_config: dict) -> tuple[int, int]:
+    """(validation batch size, number of validation batches) a run was evaluated with during training."""
+    bs = train_config.get("eval_batch_size") or min(train_config.get("batch_size", 64), 64)
+    return bs, train_config.get("eval_batches", 50)

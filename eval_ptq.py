@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 import quant as Q
 from checkpoint import atomic_write, load_checkpoint, pick_device
+from data import Task, eval_sizes
+from metrics import OutlierStats, evaluate, to_device
 from model import model_from_checkpoint
-from train import Task, TrainConfig, evaluate, to_device
 
 def parse_bits(s: str):
     """'W8A8' -> (8, 8)."""
@@ -164,17 +165,12 @@ def _main(args):
         raise ValueError(f"--device {args.device}: {e}") from e
     ck = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ck)
-    tc = TrainConfig(**ck["train_config"])
-    if args.data:
-        tc.data = args.data
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
-    vocab = os.path.join(run_dir, "vocab.txt")
-    if cfg.arch != "vit" and not os.path.exists(vocab):
-        raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
-    task = Task(cfg, tc, tokenizer_path=vocab if cfg.arch != "vit" else "")
+    task = Task.for_run(cfg, run_dir, ck["train_config"], args.data)
     model.to(device).eval()
-    eval_bs = args.eval_batch_size or tc.eval_batch_size or min(tc.batch_size, 64)
-    eval_batches = args.eval_batches or tc.eval_batches
+    run_bs, run_batches = eval_sizes(ck["train_config"])
+    eval_bs = args.eval_batch_size or run_bs
+    eval_batches = args.eval_batches or run_batches
     calib_bs = args.calib_batch_size or eval_bs
     progress = not args.quiet
     m = metric_name(cfg.arch)
@@ -285,6 +281,8 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
     delim_ids_t = torch.tensor(sorted(delim_ids), dtype=torch.long, device=device)
     L = model.cfg.n_layers
     kinds = ("ffn_out", "ffn_residual_sum")
+    stats = OutlierStats(n_std)  # section 3's outlier counting, per dimension, position and token id
+    n_ids = model.cfg.vocab_size if tok is not None else None
     acc = {}
     for b in task.iter_valid(batch_size, max_batches):
         b = to_device(b, device)
@@ -293,21 +291,9 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
         valid = b.get("attention_mask")
         ids = b.get("input_ids")
         is_delim = torch.isin(ids, delim_ids_t) if ids is not None and len(delim_ids) else None
-        is_mask = (ids == tok.mask_id) if ids is not None and getattr(tok, "mask_id", None) is not None else None
+        stats.update({f"blocks.{i}.{k}": rec[f"blocks.{i}.{k}"] for i in range(L) for k in kinds}, valid,
+                     ids if n_ids else None, n_ids)
         for i in range(L):
-            for kind in kinds:
-                x = rec[f"blocks.{i}.{kind}"]  # (B, T, d)
-                mask = Q.outlier_mask(x, n_std)  # (B, T, d)
-                if valid is not None:
-                    mask &= valid[..., None]
-                a = acc.setdefault(f"blocks.{i}.{kind}", {"dim": 0, "pos": 0, "n": 0, "delim": 0, "mask": 0})
-                a["dim"] = a["dim"] + mask.sum((0, 1)).cpu()
-                a["pos"] = a["pos"] + mask.sum((0, 2)).cpu()
-                a["n"] += int(mask.sum())
-                if is_delim is not None:
-                    a["delim"] += int((mask & is_delim[..., None]).sum())
-                if is_mask is not None:
-                    a["mask"] += int((mask & is_mask[..., None]).sum())
             p = rec[f"blocks.{i}.attn_probs"]  # (B, H, T, T)
             h = acc.setdefault(f"blocks.{i}.attn", {"first": 0, "delim": 0, "zeros": 0, "rows": 0, "entries": 0,
                                                      "gate": 0, "gate_n": 0})
@@ -328,18 +314,19 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
                 gm = valid[:, None, :] if valid is not None else torch.ones_like(g, dtype=torch.bool)
                 h["gate"] = h["gate"] + (g * gm).sum((0, 2)).cpu()
                 h["gate_n"] += int(gm[:, 0].sum())
+    per_name = stats.summary(top_k=top)["per_name"]
+    mask_id = getattr(tok, "mask_id", None) if model.cfg.arch == "bert" else None
     out = {"n_std": n_std, "layers": []}
     for i in range(L):
         layer = {"layer": i}
         for kind in kinds:
-            a = acc[f"blocks.{i}.{kind}"]
-            dims = torch.as_tensor(a["dim"])
-            order = torch.argsort(dims, descending=True)[:top]
-            layer[kind] = {"outliers": a["n"],
-                           "top_dims": [[int(d), int(dims[d])] for d in order if dims[d] > 0],
-                           "per_position": torch.as_tensor(a["pos"]).tolist(),
-                           "share_on_delimiters": (a["delim"] / a["n"]) if (a["n"] and delim_ids) else None,
-                           "share_on_mask_tokens": (a["mask"] / a["n"]) if (a["n"] and task.arch == "bert") else None}
+            s = per_name[f"blocks.{i}.{kind}"]
+            n, per_tok = s["n_outliers"], s["outliers_per_token"]
+            layer[kind] = {"outliers": n, "top_dims": [list(t) for t in s["top_dims"]],
+                           "per_position": s["outliers_per_pos"].tolist(),
+                           "share_on_delimiters": int(per_tok[sorted(delim_ids)].sum()) / n
+                           if (n and delim_ids) else None,
+                           "share_on_mask_tokens": int(per_tok[mask_id]) / n if (n and mask_id is not None) else None}
         h = acc[f"blocks.{i}.attn"]
         layer["attn_mass_first_token"] = (torch.as_tensor(h["first"]) / h["rows"]).tolist()
         layer["attn_mass_delimiters"] = (torch.as_tensor(h["delim"]) / h["rows"]).tolist() if delim_ids else None

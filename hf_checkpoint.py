@@ -82,13 +82,11 @@ import os
 import re
 import struct
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 import tokenizer as T
-import train
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from model import BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, model_from_checkpoint
 
@@ -796,13 +794,15 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model has vocab_size="
                          f"{cfg.vocab_size}")
-    tc = replace(train.RECIPES[cfg.arch], data=data, vocab_file="", out=str(run))
+    # what evaluation reads of a run's training settings: its data and validation sizes (no optimizer state:
+    # an imported run is evaluated, not resumed)
+    tc = {"data": data, "eval_batch_size": 64, "eval_batches": 50}
     run.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(run / "vocab.txt")
         if isinstance(tokenizer, T.WordPieceTokenizer):  # data.load_tokenizer reads do_lower_case from here
             (run / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": tokenizer.lowercase}) + "\n")
-    ck = {"model": model.state_dict(), "config": config_to_dict(cfg), "train_config": asdict(tc), "step": 0,
+    ck = {"model": model.state_dict(), "config": config_to_dict(cfg), "train_config": tc, "step": 0,
           "vocab": tokenizer.vocab if tokenizer is not None else None, "metrics": None,
           "imported_from": {"folder": os.path.abspath(hf_folder), "config": read_hf_config(hf_folder),
                             "notes": notes}}

@@ -36,7 +36,7 @@ import data as D
 from attention import SelfAttention
 from checkpoint import load_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, get_config
-from quant import OutlierStats
+from metrics import evaluate, n_targets, to_device
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -175,101 +175,6 @@ def param_groups(model, tc: TrainConfig):
         else:
             no_decay.append(p)
     return [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ------------------------------------------------------------------------------------------------------ data
-class Task:
-    """The data side of one architecture: training batches by step, validation batches, the task's metric."""
-
-    def __init__(self, cfg, tc: TrainConfig, cache_dir: str | None = None, tokenizer_path: str = ""):
-        self.arch = cfg.arch
-        if cfg.arch == "vit":
-            source = "builtin" if tc.data in ("builtin", "") else tc.data
-            self.data = D.load_image_data(source, image_size=cfg.image_size)  # images are not cached on disk
-            self.tokenizer = None
-            if self.data.num_classes != cfg.n_classes:
-                raise ValueError(f"the data has {self.data.num_classes} classes but the model has n_classes="
-                                 f"{cfg.n_classes}: pass --n-classes {self.data.num_classes}")
-        else:
-            vocab = tokenizer_path or tc.vocab_file or None
-            self.data = D.load_text_data(tc.data, tokenizer=vocab, vocab_size=cfg.vocab_size,
-                                         seq_len=cfg.max_seq_len, cache_dir=cache_dir)
-            self.tokenizer = self.data.tokenizer
-            if self.tokenizer.vocab_size > cfg.vocab_size:
-                raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
-                                 f"is {cfg.vocab_size}: pass --vocab-size {self.tokenizer.vocab_size} or more")
-
-    def batch(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
-        """The batch of `step` (a pure function of seed and step); rank r of world_size takes its shard."""
-        if self.arch == "bert":
-            return self.data.mlm_batch(split, step, batch_size, seed, rank, world_size)
-        if self.arch == "opt":
-            return self.data.clm_batch(split, step, batch_size, seed, rank, world_size)
-        augment = (split == "train") if augment is None else augment
-        return self.data.batch(split, step, batch_size, seed, rank, world_size, augment=augment)
-
-    def iter_valid(self, batch_size, max_batches):
-        if self.arch == "bert":
-            return self.data.iter_valid(batch_size, objective="mlm", max_batches=max_batches)
-        if self.arch == "opt":
-            return self.data.iter_valid(batch_size, objective="clm", max_batches=max_batches)
-        return self.data.iter_valid(batch_size, max_batches)
-
-
-def n_targets(batch) -> int:
-    """How many predictions a batch's loss averages over (masked tokens, next tokens, or images)."""
-    labels = batch["labels"]
-    return int((labels != -100).sum()) if labels.dim() == 2 else labels.numel()
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate(model, task: Task, batch_size: int, max_batches: int, device, outliers: bool = True,
-             forward=None, progress: bool = False) -> dict:
-    """Validation metric and, optionally, the outlier metrics, over a deterministic validation set.
-
-    Language models: loss = mean cross-entropy per predicted token, ppl = exp(loss). ViT: loss and top-1 acc.
-    Outlier metrics (quant.OutlierStats): for each recorded tensor kind, the per-sample inf-norm averaged over the
-    validation set and maxed over layers (`max_inf_norm/<kind>`), and the per-sample kurtosis averaged over the
-    set and over layers (`kurtosis/<kind>`). `forward(model, batch, record)` may replace the plain call (PTQ).
-    """
-    was_training = model.training
-    model.eval()
-    stats = OutlierStats() if outliers else None
-    tot_loss, tot_n, correct = 0.0, 0, 0
-    batches = task.iter_valid(batch_size, max_batches)
-    for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
-        b = to_device(b, device)
-        rec = {} if outliers else None
-        logits, loss = (forward or _plain_forward)(model, b, rec)
-        n = n_targets(b)
-        tot_loss += loss.item() * n
-        tot_n += n
-        if task.arch == "vit":
-            correct += int((logits.argmax(-1) == b["labels"]).sum())
-        if outliers:
-            hidden = {k: v for k, v in rec.items() if not k.endswith(("attn_probs", "gate_probs"))}
-            stats.update(hidden, b.get("attention_mask"))
-    model.train(was_training)
-    out = {"val_loss": tot_loss / max(tot_n, 1)}
-    if task.arch == "vit":
-        out["val_acc"] = 100.0 * correct / max(tot_n, 1)
-    else:
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-    if outliers:
-        summary = stats.summary()
-        for kind, v in summary["per_kind"].items():
-            out[f"max_inf_norm/{kind}"] = v["max_inf_norm"]
-            out[f"kurtosis/{kind}"] = v["mean_kurtosis"]
-    return out
-
-
-def _plain_forward(model, batch, record):
-    return model(**batch, record=record)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -436,7 +341,7 @@ def main(argv=None):
     try:
         vocab_path = os.path.join(out, "vocab.txt") if (args.resume and os.path.exists(
             os.path.join(out, "vocab.txt"))) else ""
-        task = Task(cfg, tc, tokenizer_path=vocab_path)
+        task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     if master and task.tokenizer is not None and not vocab_path:  # a new run: overwrite a stale vocab.txt

@@ -36,16 +36,16 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import quant as Q  # noqa: E402
 from eval_ptq import describe  # noqa: E402
 from checkpoint import load_checkpoint, pick_device  # noqa: E402
 from model import model_from_checkpoint  # noqa: E402
-from train import Task, TrainConfig, to_device  # noqa: E402
+from data import Task, eval_sizes  # noqa: E402
+from metrics import OutlierStats, outlier_mask, to_device  # noqa: E402
 
 KINDS = ("attn_out", "attn_residual_sum", "attn_ln_out", "ffn_out", "ffn_residual_sum", "ffn_ln_out")
 N_STD = 6.0  # section 3, footnote 1
@@ -154,7 +154,7 @@ def outlier_counts_data(model, task: Task, layer: int, kind: str = "ffn_out", ma
     """Figure 1: where the outliers of block `layer`'s `kind` tensor sit, over the validation set.
 
     A value is an outlier when |x - mean| > n_std * std, mean and std over the whole (B, T, d) tensor of one
-    validation batch (quant.outlier_counts; the same rule as eval_ptq's analysis and the training log's
+    validation batch (metrics.OutlierStats; the same rule as eval_ptq's analysis and the training log's
     statistics). Returns per_dim (d,) and per_pos (T,) counts and the total (each of per_dim and per_pos sums to
     it), the top dimensions with the head each falls in (dim // d_head), and for text models the tokens carrying
     most outliers and the share on the paper's delimiters ([SEP], '.', ',') and [CLS].
@@ -170,25 +170,23 @@ def outlier_counts_data(model, task: Task, layer: int, kind: str = "ffn_out", ma
     model.eval()
     tok = task.tokenizer
     n_ids = cfg.vocab_size if tok is not None else None
-    per_dim = torch.zeros(cfg.d_model, dtype=torch.long)
-    per_pos = torch.zeros(cfg.seq_len, dtype=torch.long)
-    per_tok = torch.zeros(n_ids, dtype=torch.long) if n_ids else None
-    total = n_values = n_seq = 0
+    name = f"blocks.{layer}.{kind}"
+    stats = OutlierStats(n_std)  # the one section-3 outlier counting (metrics.py)
+    n_values = n_seq = 0
     for b in _valid_batches(model, task, batch_size, max_batches, unmask):
         rec = {}
         model(**b, record=rec)
-        x = rec[f"blocks.{layer}.{kind}"]  # (B, T, d)
+        x = rec[name]  # (B, T, d)
         mask = b.get("attention_mask")
-        c = Q.outlier_counts(x, mask, n_std, token_ids=b.get("input_ids"), num_ids=n_ids)
-        per_dim += c["per_dim"].cpu()
-        per_pos[: x.shape[1]] += c["per_pos"].cpu()
-        if per_tok is not None:
-            per_tok += c["per_token"].cpu()
-        total += c["total"]
+        stats.update({name: x}, mask, b.get("input_ids") if n_ids else None, n_ids)
         n_values += (int(mask.sum()) if mask is not None else x.shape[0] * x.shape[1]) * x.shape[2]
         n_seq += x.shape[0]
     if n_seq == 0:
         raise FigureError("the validation set yielded no batches")
+    s = stats.summary()["per_name"][name]
+    total, per_dim, per_tok = s["n_outliers"], s["outliers_per_dim"], s["outliers_per_token"]
+    per_pos = torch.zeros(cfg.seq_len, dtype=torch.long)
+    per_pos[: s["outliers_per_pos"].numel()] += s["outliers_per_pos"]
     d_head = cfg.d_model // cfg.n_heads
     order = torch.argsort(per_dim, descending=True, stable=True)[:top]
     out = {"figure": 1, "arch": cfg.arch, "attn_mode": cfg.attn_mode, "describe": describe(cfg), "layer": layer,
@@ -218,7 +216,7 @@ def loudest_layer_and_head(model, task: Task, kind: str = "ffn_out", max_batches
     if layer is not None:
         _check_layer(model.cfg, layer)
     model.eval()
-    stats = Q.OutlierStats()
+    stats = OutlierStats()
     for b in _valid_batches(model, task, batch_size, max_batches, unmask):
         rec = {}
         model(**b, record=rec)
@@ -309,7 +307,7 @@ def vit_patch_data(model, task: Task, layer: int, head: int, image_index: int = 
     rec, v = _forward_with_values(model, inputs, attn_layer)
     g = cfg.image_size // cfg.patch_size
     T, H, D = v.shape[1], cfg.n_heads, cfg.d_model // cfg.n_heads
-    om = Q.outlier_mask(rec[f"blocks.{layer}.{kind}"], n_std)[0]  # (1 + N, d)
+    om = outlier_mask(rec[f"blocks.{layer}.{kind}"], n_std)[0]  # (1 + N, d)
     per_token = om.sum(-1).cpu()  # (1 + N,)
     probs = rec[f"blocks.{attn_layer}.attn_probs"][0, head].float().cpu()  # (T, T)
     received = probs.sum(0)  # (T,): attention mass each token receives, summed over query rows
@@ -682,24 +680,19 @@ def load_run(path: str, data: str = "", device: str = "cpu", tasks: dict | None 
         raise FileNotFoundError(f"run folder {path!r} does not exist")
     ck = load_checkpoint(path)
     model, cfg = model_from_checkpoint(ck)
-    tc = TrainConfig(**ck["train_config"])
-    if data:
-        tc = replace(tc, data=data)
+    tc = ck["train_config"]
     run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     vocab = os.path.join(run_dir, "vocab.txt")
-    key = (cfg.arch, tc.data, getattr(cfg, "max_seq_len", None), getattr(cfg, "vocab_size", None),
-           getattr(cfg, "image_size", None), getattr(cfg, "n_classes", None))
-    if cfg.arch != "vit":
-        if not os.path.isfile(vocab):
-            raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
+    key = (cfg.arch, data or tc.get("data", "builtin"), getattr(cfg, "max_seq_len", None),
+           getattr(cfg, "vocab_size", None), getattr(cfg, "image_size", None), getattr(cfg, "n_classes", None))
+    if cfg.arch != "vit" and os.path.isfile(vocab):
         with open(vocab, "rb") as f:
             key += (f.read(),)
     tasks = {} if tasks is None else tasks
     if key not in tasks:
-        tasks[key] = Task(cfg, tc, tokenizer_path=vocab if cfg.arch != "vit" else "")
+        tasks[key] = Task.for_run(cfg, run_dir, tc, data)
     model.to(pick_device(device)).eval()
-    return Run(os.path.basename(os.path.normpath(run_dir)), run_dir, model, cfg, tasks[key],
-               tc.eval_batch_size or min(tc.batch_size, 64), tc.eval_batches)
+    return Run(os.path.basename(os.path.normpath(run_dir)), run_dir, model, cfg, tasks[key], *eval_sizes(tc))
 
 
 def _jsonable(x):

@@ -23,8 +23,8 @@ import torch
 
 import data
 import eval_ptq
+import metrics
 import model as M
-import quant
 import checkpoint
 import train
 
@@ -151,7 +151,7 @@ def test_outlier_counts_on_the_original_tokens_recomputed(loaded):
         rec = {}
         with torch.no_grad():
             r.model(**b, record=rec)
-        om = quant.outlier_mask(rec["blocks.1.ffn_residual_sum"], 2.0, b["attention_mask"])  # (B, T, d)
+        om = metrics.outlier_mask(rec["blocks.1.ffn_residual_sum"], 2.0, b["attention_mask"])  # (B, T, d)
         n += int(om.sum())
         on += int(om[torch.isin(b["input_ids"], delim)].sum())
     assert d["total"] == n and d["share_on_delimiters"] == pytest.approx(on / n)
@@ -167,7 +167,7 @@ def test_outlier_counts_vit_positions_include_cls(loaded):
 def test_loudest_layer_and_head(loaded):
     r = loaded["vanilla"]
     layer, head = F.loudest_layer_and_head(r.model, r.task, "ffn_out", 2, 8)
-    stats = quant.OutlierStats()
+    stats = metrics.OutlierStats()
     for b in r.task.iter_valid(8, 2):
         rec = {}
         with torch.no_grad():
@@ -247,7 +247,7 @@ def test_vit_patch_data(loaded):
     rec = {}
     with torch.no_grad():
         r.model(images=b["images"], record=rec)
-    per_token = quant.outlier_mask(rec["blocks.0.ffn_residual_sum"], 2.0)[0].sum(-1)  # (1 + 16,)
+    per_token = metrics.outlier_mask(rec["blocks.0.ffn_residual_sum"], 2.0)[0].sum(-1)  # (1 + 16,)
     assert d["total"] == int(per_token.sum()) == int(om.sum()) + d["cls_outliers"] > 0
     assert torch.equal(om.flatten(), per_token[1:])  # row-major patches, as patchify orders them
     am = torch.tensor(d["attention_map"])

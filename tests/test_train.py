@@ -18,6 +18,8 @@ import torch
 
 import tokenizer as T
 import checkpoint
+import data
+import metrics
 import train
 from model import model_from_checkpoint
 from helpers import tiny_data_env, write_corpus
@@ -360,17 +362,17 @@ def test_grad_accum_bert_weights_by_masked_tokens(tmp_path, corpus, monkeypatch)
     accum_log = losses(tmp_path / "a2")
     assert all(torch.isfinite(torch.tensor(v)) for v in accum_log.values())
 
-    orig = train.Task.batch
+    orig = data.Task.batch
     counts = []
 
     def concatenated(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
         if split != "train":
             return orig(self, split, step, batch_size, seed, rank, world_size, augment)
         parts = [orig(self, split, 2 * step + i, batch_size // 2, seed, rank, world_size) for i in range(2)]
-        counts.append([train.n_targets(p) for p in parts])
+        counts.append([metrics.n_targets(p) for p in parts])
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    monkeypatch.setattr(train.Task, "batch", concatenated)
+    monkeypatch.setattr(data.Task, "batch", concatenated)
     train.main(base + ["--grad-accum", "1", "--out", str(tmp_path / "a1")])
     assert any(a != b for a, b in counts), "the test needs micro-batches with different numbers of targets"
     assert losses(tmp_path / "a1") == pytest.approx(accum_log, rel=1e-5)
@@ -452,11 +454,9 @@ def test_clip_warmup_starts_as_softmax_and_ends_at_full_gamma(tmp_path, corpus):
     # The final evaluation inside train.py used the full gamma: a fresh model from the checkpoint gives the same.
     run = str(tmp_path / "warm")
     ck = checkpoint.load_checkpoint(run)
-    cfg, tc_run = train.config_from_dict(ck["config"]), train.TrainConfig(**ck["train_config"])
-    model = build_model(cfg)
-    model.load_state_dict(ck["model"])
-    task = train.Task(cfg, tc_run, tokenizer_path=os.path.join(run, "vocab.txt"))
-    again = train.evaluate(model, task, 8, 2, "cpu")
+    model, cfg = model_from_checkpoint(ck)
+    task = data.Task.for_run(cfg, run, ck["train_config"])
+    again = metrics.evaluate(model, task, 8, 2, "cpu")
     assert again["val_ppl"] == pytest.approx(warm["val_ppl"], rel=1e-6)
     assert warm["val_ppl"] != soft["val_ppl"] and warm["val_ppl"] != cold["val_ppl"]
 

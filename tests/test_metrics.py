@@ -1,0 +1,90 @@
+"""Tests for metrics.py: the paper's outlier metrics (kurtosis, inf-norm, 6-sigma outliers and where they sit),
+against hand-computed answers. CPU, well under a second."""
+
+import math
+
+import torch
+
+from metrics import OutlierStats, inf_norm, kurtosis, outlier_counts, outlier_mask
+
+
+def test_kurtosis_gaussian_and_spike():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 500, 200, generator=gen)
+    k = kurtosis(x)
+    assert k.shape == (2,) and torch.allclose(k, torch.full((2,), 3.0), atol=0.05)
+    x[1, 3, 7] = 300.0
+    k = kurtosis(x)
+    assert abs(k[0] - 3) < 0.05 and k[1] > 100
+    # uniform: 9/5
+    u = torch.rand(1, 1000, 100, generator=gen)
+    assert abs(kurtosis(u).item() - 1.8) < 0.02
+
+
+def test_kurtosis_and_inf_norm_ignore_padding():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 6, generator=gen)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    xp = x.clone()
+    xp[1, 7:] = 1e4  # garbage at the padding
+    k, n = kurtosis(xp, mask), inf_norm(xp, mask)
+    assert torch.allclose(k[1], kurtosis(x[1:, :7])[0]) and torch.allclose(k[0], kurtosis(x[:1])[0])
+    assert n[1] == x[1, :7].abs().max() and n[0] == x[0].abs().max()
+    assert torch.equal(inf_norm(torch.tensor([[[1.0, -5.0], [2.0, 0.0]]])), torch.tensor([5.0]))
+
+
+def test_outlier_mask_and_counts():
+    # 3 spikes in 4,000 small values (a 6-std outlier needs a big enough tensor: max z-score <= sqrt(n - 1))
+    x = 0.01 * torch.randn(2, 50, 40, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 2] = 100.0
+    x[1, 3, 2] = -100.0
+    x[1, 49, 0] = 100.0
+    om = outlier_mask(x)
+    assert om.sum() == 3 and om[0, 1, 2] and om[1, 3, 2] and om[1, 49, 0]
+    assert not outlier_mask(x, n_std=1000.0).any()
+    ids = torch.zeros(2, 50, dtype=torch.long)
+    ids[0, 1], ids[1, 3], ids[1, 49] = 1, 7, 7
+    c = outlier_counts(x, token_ids=ids, num_ids=9)
+    assert c["total"] == 3
+    per_dim, per_pos = torch.zeros(40, dtype=torch.long), torch.zeros(50, dtype=torch.long)
+    per_dim[2], per_dim[0] = 2, 1
+    per_pos[1], per_pos[3], per_pos[49] = 1, 1, 1
+    assert torch.equal(c["per_dim"], per_dim) and torch.equal(c["per_pos"], per_pos)
+    assert c["per_token"].tolist() == [0, 1, 0, 0, 0, 0, 0, 2, 0]
+    assert c["per_dim"].sum() == c["per_pos"].sum() == c["per_token"].sum() == c["total"]
+    # padding positions are never outliers and do not enter the mean / std
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1, 40:] = False
+    c = outlier_counts(x, mask)
+    assert c["total"] == 2 and c["per_pos"][49] == 0 and c["per_dim"].tolist()[:3] == [0, 0, 2]
+    assert not outlier_mask(x, mask=mask)[1, 40:].any()
+
+
+def test_outlier_stats_accumulates_per_name_and_kind():
+    gen = torch.Generator().manual_seed(0)
+    st = OutlierStats()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    for b in range(2):
+        a0 = torch.randn(2, 6, 8, generator=gen)
+        a1 = torch.randn(2, 6, 8, generator=gen)
+        f0 = torch.randn(2, 6, 8, generator=gen)
+        f0[:, 2, 5] = 50.0 + b  # an outlier dimension
+        f0[1, 5, :] = 1e6  # at the padding: ignored
+        st.update({"blocks.0.attn_out": a0, "blocks.1.attn_out": a1 * 2, "blocks.0.ffn_out": f0,
+                   "blocks.0.attn_probs": torch.rand(2, 2, 6, 6)}, mask)
+    s = st.summary()
+    assert "blocks.0.attn_probs" not in s["per_name"]
+    ffn = s["per_name"]["blocks.0.ffn_out"]
+    assert math.isclose(ffn["mean_inf_norm"], (50 + 50 + 51 + 51) / 4, rel_tol=1e-6)
+    assert ffn["n_samples"] == 4 and ffn["n_outliers"] == 4 and ffn["top_dims"] == [(5, 4)]
+    assert ffn["outliers_per_pos"].tolist() == [0, 0, 4, 0, 0, 0]
+    pk = s["per_kind"]
+    assert set(pk) == {"attn_out", "ffn_out"} and pk["attn_out"]["n_layers"] == 2
+    a = s["per_name"]
+    assert pk["attn_out"]["max_inf_norm"] == max(a["blocks.0.attn_out"]["mean_inf_norm"],
+                                                 a["blocks.1.attn_out"]["mean_inf_norm"])
+    assert pk["attn_out"]["max_inf_norm_at"] == "blocks.1.attn_out"
+    assert math.isclose(pk["attn_out"]["mean_kurtosis"], (a["blocks.0.attn_out"]["mean_kurtosis"]
+                                                          + a["blocks.1.attn_out"]["mean_kurtosis"]) / 2)
