@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import builtin_data  # noqa: E402
 import data  # noqa: E402
 import tokenizer as T
 from data import DataError  # noqa: E402
@@ -48,7 +49,7 @@ def english_like_lines(n, seed=0):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("txt") / "corpus.txt"
+    path = tmp_path_factory.mktemp("txt") / "builtin_data.txt"
     path.write_text("\n".join(english_like_lines(3000)) + "\n", encoding="utf-8")
     return path
 
@@ -381,10 +382,10 @@ def test_iter_valid(text_data):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_builtin_text(tmp_path):
-    train, valid = data.builtin_text()
+    train, valid = builtin_data.builtin_text()
     size = sum(len(s.encode()) + 1 for s in train)
     assert size > 1_000_000 and len(valid) > 100
-    assert data.builtin_text() == (train, valid)
+    assert builtin_data.builtin_text() == (train, valid)
     assert not set(valid) & set(train)
     joined = " ".join(train[:2000])
     assert joined.count(".") > 1000 and joined.count(",") > 1000
@@ -395,21 +396,21 @@ def test_builtin_text(tmp_path):
 
 
 def test_synthetic_text_is_deterministic_and_grammatical(tmp_path):
-    train, valid = data.synthetic_text(n_train=200, n_valid=20)
-    assert (train, valid) == data.synthetic_text(n_train=200, n_valid=20)
-    assert data.synthetic_text(n_train=200, n_valid=20, seed=1)[0] != train
+    train, valid = builtin_data.synthetic_text(n_train=200, n_valid=20)
+    assert (train, valid) == builtin_data.synthetic_text(n_train=200, n_valid=20)
+    assert builtin_data.synthetic_text(n_train=200, n_valid=20, seed=1)[0] != train
     # number agreement: a plural subject ("X and Y") takes the base form, a singular one the -s form
     for doc in train:
         for sentence in doc.split(" . "):
             words = sentence.split()
-            if len(words) > 3 and words[1] == "and" and words[0] in data._SYN_NAMES:
-                assert words[3] in data._SYN_VT + data._SYN_VI, sentence  # "anna and ben find ..."
-            if words and words[0] in data._SYN_NAMES and words[1] in [data._add_s(v) for v in data._SYN_VT]:
+            if len(words) > 3 and words[1] == "and" and words[0] in builtin_data._SYN_NAMES:
+                assert words[3] in builtin_data._SYN_VT + builtin_data._SYN_VI, sentence  # "anna and ben find ..."
+            if words and words[0] in builtin_data._SYN_NAMES and words[1] in [builtin_data._add_s(v) for v in builtin_data._SYN_VT]:
                 assert words[2] == "the"
     # a document keeps one adjective per object
     for doc in train[:50]:
-        for noun in data._SYN_NOUNS:
-            adjs = set(re.findall(rf"(\w+) {noun} ", doc)) & set(data._SYN_ADJS)
+        for noun in builtin_data._SYN_NOUNS:
+            adjs = set(re.findall(rf"(\w+) {noun} ", doc)) & set(builtin_data._SYN_ADJS)
             adjs |= set(re.findall(rf"the {noun} is (\w+)", doc))
             assert len(adjs) <= 1, (noun, adjs, doc)
     td = data.load_text_data("synthetic", vocab_size=8192, seq_len=64, cache_dir=tmp_path)
