@@ -26,6 +26,7 @@ Two paths compute the same thing: the reference path below, equation by equation
 tensors (no quantizer in a slot, no recording). `tests/test_attention.py` checks that the two agree.
 """
 
+import inspect
 import math
 
 import torch
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 
 ATTN_MODES = ("softmax", "clipped", "gated", "softmax1")
 GATE_TYPES = ("linear", "mlp", "all_heads_linear")
+CLIP_FIELDS = ("clip_alpha", "clip_gamma", "clip_zeta")  # the settings only clipped softmax reads
+GATE_FIELDS = ("gate_type", "gate_hidden", "gate_init")  # the settings only gated attention reads
 
 
 def clipped_softmax(x: torch.Tensor, gamma: float, zeta: float = 1.0, dim: int = -1) -> torch.Tensor:
@@ -206,12 +209,12 @@ class SelfAttention(nn.Module):
                 record["attn_probs"] = probs.detach()
             ctx = self.attn_context(probs @ v)  # (B, H, T, D)
 
-        if self.gate is not None:
+        if self.gate is not None:  # Eq. 5: sigmoid(G(x)) * softmax(Q K^T / sqrt(d_head)) V, per head and token
             xh = x.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D): head i sees its own slice of the input
-            pi = self.gate_probs(torch.sigmoid(self.gate_logits(self.gate(xh))))  # (B, H, T)
+            pi = self.gate_probs(torch.sigmoid(self.gate_logits(self.gate(xh))))  # (B, H, T)  Eq. 6, 7
             if record is not None:
                 record["gate_probs"] = pi.detach()
-            ctx = self.attn_gated(pi.unsqueeze(-1) * ctx)  # (B, H, T, D)
+            ctx = self.attn_gated(pi.unsqueeze(-1) * ctx)  # (B, H, T, D)  Eq. 5
 
         y = ctx.transpose(1, 2).reshape(B, T, C)  # (B, T, d_model)
         return self.o_proj(y)
@@ -273,9 +276,10 @@ def check_attention_args(d_model, n_heads, max_seq_len, mode, clip_alpha, clip_g
             bad("clip_gamma", clip_gamma, "must be <= 0 (Eq. 4 stretches softmax to (gamma, zeta) with gamma <= 0)")
         if not clip_zeta >= 1:
             bad("clip_zeta", clip_zeta, "must be >= 1 (Eq. 4 stretches softmax to (gamma, zeta) with zeta >= 1)")
-    if mode != "clipped" and (clip_alpha is not None or clip_gamma is not None or clip_zeta != 1.0):
+    defaults = {p.name: p.default for p in inspect.signature(SelfAttention.__init__).parameters.values()}
+    if mode != "clipped" and (clip_alpha, clip_gamma, clip_zeta) != tuple(defaults[k] for k in CLIP_FIELDS):
         bad("attn_mode", mode, "clip_alpha / clip_gamma / clip_zeta are set but only apply to attn_mode='clipped'")
-    if mode != "gated" and (gate_type != "linear" or gate_hidden != 4 or gate_init != 0.5):
+    if mode != "gated" and (gate_type, gate_hidden, gate_init) != tuple(defaults[k] for k in GATE_FIELDS):
         bad("attn_mode", mode, "gate_type / gate_hidden / gate_init are set but only apply to attn_mode='gated'")
     if mode == "gated":
         if gate_type not in GATE_TYPES:

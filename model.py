@@ -100,7 +100,7 @@ class OPTConfig(TransformerConfig):
     """OPT-125m, causal LM at sequence length 512, init N(0, 0.006), biases 0 (appendix C.2)."""
     arch: str = "opt"
     vocab_size: int = 50272
-    max_seq_len: int = 2048
+    max_seq_len: int = 512       # the paper trains at 512 (C.2); HF's OPT-125m has 2048 positions (imported as such)
     init_std: float = 0.006
     ln_eps: float = 1e-5
     pad_id: int = 1
@@ -332,12 +332,14 @@ class _Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, SelfAttention):
                 m.init_gate()
-        if isinstance(self, ViT):  # timm's ViT init
-            nn.init.normal_(self.cls_token, 0.0, 1e-6)
-            nn.init.normal_(self.pos_embed, 0.0, 0.02)
+        self.init_positions()
+
+    @torch.no_grad()
+    def init_positions(self):
+        """Text models: the learned position table is an nn.Embedding, N(0, init_std) above; with
+        pos_init="sinusoidal" it starts as the sinusoids instead, at the same scale. ViT overrides this."""
         if self.cfg.pos_init == "sinusoidal":
-            table = self.pos_embed[0] if isinstance(self, ViT) else self.wpe.weight  # (T, d)
-            table.copy_(sinusoidal_positions(*table.shape, rms=0.02 if isinstance(self, ViT) else std))
+            self.wpe.weight.copy_(sinusoidal_positions(*self.wpe.weight.shape, rms=self.cfg.init_std))  # (T, d)
 
     def num_params(self) -> int:
         """Number of parameters; a tied head shares the embedding's weight and is counted once."""
@@ -458,6 +460,14 @@ class ViT(_Transformer):
         self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.head = nn.Linear(d, cfg.n_classes)
         self.init_weights()
+
+    @torch.no_grad()
+    def init_positions(self):
+        """timm's ViT init: CLS token ~ N(0, 1e-6), positions ~ N(0, 0.02) (or the sinusoids at RMS 0.02)."""
+        nn.init.normal_(self.cls_token, 0.0, 1e-6)
+        nn.init.normal_(self.pos_embed, 0.0, 0.02)
+        if self.cfg.pos_init == "sinusoidal":
+            self.pos_embed[0].copy_(sinusoidal_positions(*self.pos_embed.shape[1:], rms=0.02))  # (T, d)
 
     def patchify(self, images):
         """(B, C, H, W) -> (B, N, C * p * p), each patch flattened in (C, p, p) order like a conv kernel."""

@@ -97,7 +97,7 @@ def repro(tmp_path_factory):
     _save_run(bert / "clipped", M.get_config("bert-small", attn_mode="clipped", clip_alpha=1.0, **small), tc, vocab)
     _save_run(bert / "gated", M.get_config("bert-small", attn_mode="gated", **small), tc, vocab)
     opt = _save_run(root / "opt", M.get_config("opt-small", **small), tc, vocab)
-    vtc = asdict(replace(train.recipe_for("vit-small"), data="builtin", eval_batches=2, eval_batch_size=8))
+    vtc = asdict(replace(train.RECIPES["vit-small"], data="builtin", eval_batches=2, eval_batch_size=8))
     vit = root / "repro-vit"
     vshape = dict(SHAPE, image_size=16, patch_size=4)
     _save_run(vit / "vanilla", M.get_config("vit-small", **vshape), vtc)
