@@ -18,25 +18,9 @@ import eval_ptq
 import quant
 import checkpoint
 import train
-from helpers import tiny_data_env, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("qt-cache")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_env(cache_dir):
-    with tiny_data_env(cache_dir):
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt")
+pytestmark = pytest.mark.usefixtures("tiny_env")  # conftest.py: small data, caches in a temporary folder
 
 
 def train_tiny(root, corpus, arch, *extra):

@@ -9,11 +9,9 @@ run trained with train.main (it writes a real log.jsonl), the others saved strai
 train.py's checkpoint format.
 """
 
-import functools
 import importlib.util
 import json
 import os
-import random
 import shutil
 import sys
 from dataclasses import asdict, replace
@@ -21,16 +19,14 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-import data
 import eval_ptq
 import metrics
 import model as M
 import checkpoint
 import train
+from helpers import write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the cat dog sat on a mat and ran to house with big small red blue tree under over near far quick slow "
-         "bird sang while it was raining in spring").split()
 SHAPE = {"n_layers": 2, "n_heads": 2, "d_model": 32, "d_ff": 64}
 
 
@@ -42,27 +38,7 @@ def _load_script(name):
 
 
 F = _load_script("figures")
-_load_image_data = data.load_image_data
-
-
-@functools.lru_cache(maxsize=None)
-def _small_images(source, image_size):
-    return _load_image_data(source, image_size=image_size, n_train=512, n_valid=128)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_env(tmp_path_factory):
-    """Token caches in a temporary folder, 512 built-in training images, one thread (as test_train.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(data, "DEFAULT_CACHE_DIR", tmp_path_factory.mktemp("qt-cache"))
-        m.setattr(data, "load_image_data",
-                  lambda source="builtin", image_size=32, **kw: _small_images(source, image_size))
-        yield
-    torch.set_num_threads(n)
-
-
+pytestmark = pytest.mark.usefixtures("tiny_env")  # conftest.py: small data, caches in a temporary folder
 def _save_run(folder, cfg, train_config, vocab=None, seed=0):
     """A run folder holding a freshly initialised model in train.py's checkpoint format."""
     torch.manual_seed(seed)
@@ -80,11 +56,7 @@ def repro(tmp_path_factory):
     """A reproduction folder like runs/repro-bert: vanilla (trained 4 steps), clipped and gated (saved as
     initialised), plus an OPT run and a ViT reproduction folder elsewhere. Never modified by the tests."""
     root = tmp_path_factory.mktemp("runs")
-    r = random.Random(0)
-    lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 14))).capitalize() + ", "
-             + " ".join(r.choice(WORDS) for _ in range(3)) + "." for _ in range(600)]
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n")
+    corpus = write_corpus(root / "corpus.txt")  # the same text as helpers.corpus_lines(600, seed=0)
     bert = root / "repro-bert"
     train.main(["--preset", "bert-small", *[f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()],
                 "--max-seq-len", "16", "--vocab-size", "128", "--data", str(corpus), "--device", "cpu", "--quiet",

@@ -11,7 +11,6 @@ BPE tokenizers give known ids on hand-written vocabularies; and `import` -> eval
 
 import json
 import math
-import random
 import struct
 
 import pytest
@@ -20,13 +19,11 @@ import torch.nn.functional as F
 
 import data as D
 import tokenizer as T
-from helpers import small_image_loader
+from helpers import WORDS, small_image_loader
 import eval_ptq
 import hf_checkpoint as H
 from model import build_model, get_config
 
-WORDS = ("the cat dog sat on a mat and ran to house with big small red blue tree under over near far quick slow "
-         "bird sang while it was raining in spring").split()
 BERT_VOCAB = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "##s", *WORDS]
 N_LAYERS, D_MODEL, D_FF, N_HEADS = 2, 16, 32, 2
 
@@ -261,16 +258,6 @@ small_image_data = small_image_loader(256, 64)
 def tiny_env(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(D, "DEFAULT_CACHE_DIR", tmp_path_factory.getbasetemp() / "qt-cache")
     monkeypatch.setattr(D, "load_image_data", small_image_data)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    r = random.Random(0)
-    lines = [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 10))).capitalize() + ", "
-             + " ".join(r.choice(WORDS) for _ in range(3)) + "." for _ in range(300)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def project_sd(model):

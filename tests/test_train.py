@@ -22,27 +22,11 @@ import data
 import metrics
 import train
 from model import model_from_checkpoint
-from helpers import tiny_data_env, write_corpus
 from model import build_model, get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("tiny_env")  # conftest.py: small data, caches in a temporary folder
 TRAIN_PY = os.path.join(REPO, "train.py")
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("qt-cache")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_env(cache_dir):
-    with tiny_data_env(cache_dir):
-        yield
-
 
 @pytest.fixture
 def env(cache_dir):
