@@ -118,9 +118,9 @@ class WordPieceTokenizer:
         self.max_chars_per_word = int(max_chars_per_word)
         self.token_to_id: dict[str, int] = {}
         for i, tok in enumerate(self.vocab):
-            if not tok or any(c in tok for c in "\r\n"):
-                raise DataError(f"vocabulary line {i + 1}: expected a non-empty token without line breaks, "
-                                f"found {tok!r}")
+            if not tok or tok != "".join(tok.split()):  # WordPiece splits on whitespace: no token holds any
+                raise DataError(f"vocabulary line {i + 1}: expected one token (no spaces) per line of a vocab.txt, "
+                                f"found {tok[:60]!r}; is this a vocabulary file (e.g. BERT's vocab.txt)?")
             if tok in self.token_to_id:
                 raise DataError(f"vocabulary line {i + 1}: duplicate token {tok!r} (first at line "
                                 f"{self.token_to_id[tok] + 1})")

@@ -522,3 +522,11 @@ def test_image_batches_deterministic_and_sharded():
     valid = list(imgs.iter_valid(batch_size=8))
     assert [len(b["labels"]) for b in valid] == [8, 8, 8, 6]
     assert torch.equal(torch.cat([b["labels"] for b in valid]), imgs.labels["valid"])
+
+
+def test_vocab_file_of_prose_is_refused(tmp_path):
+    """A text file given as --vocab-file (one sentence per line) is a clear error, not a run of [UNK] tokens."""
+    path = tmp_path / "prose.txt"
+    path.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nThe cat sat on the mat.\nIt was raining.\n")
+    with pytest.raises(DataError, match="line 6: expected one token"):
+        WordPieceTokenizer.load(path)
