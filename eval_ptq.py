@@ -31,6 +31,7 @@ from tqdm import tqdm
 import quant as Q
 from checkpoint import atomic_write, load_checkpoint, pick_device
 from data import Task, eval_sizes
+from int8 import to_int8
 from metrics import OutlierStats, evaluate, to_device
 from model import model_from_checkpoint
 
@@ -70,10 +71,23 @@ def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_si
 
 
 def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
-            progress=True):
-    """One PTQ run: quantize a copy, calibrate, evaluate."""
+            progress=True, int8: bool = False):
+    """One PTQ run: quantize a copy, calibrate, evaluate. With int8, also evaluate the same calibrated model with
+    its linear layers executed in integers (int8.py): r["int8"] holds that evaluation and r["int8_report"] which
+    layers ran in int8."""
     qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress)
-    return evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+    r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+    if int8:
+        example = to_device(task.batch("train", calibration_steps(seed, 1)[0], calib_batch_size, seed=seed,
+                                       augment=False), device)
+        imodel, report = to_int8(qmodel, example, lambda m, b: m(**b))
+        r["int8"] = evaluate(imodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+        r["int8_report"] = report
+    return r
+
+
+def _mean_std(vals: list) -> dict:
+    return {"values": vals, "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
 def shuffled_order_forward(seed: int = 0):
@@ -139,6 +153,9 @@ def main(argv=None):
                                                                           "percentile")
     ap.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: the training run's)")
     ap.add_argument("--eval-batch-size", type=int, default=0, help="validation batch size (0: the run's)")
+    ap.add_argument("--int8", action="store_true",
+                    help="also run each calibrated model with integer linear layers (int8 x int8 -> int32, "
+                         "int8.py) and print both")
     ap.add_argument("--analysis", action="store_true", help="also the outlier and attention analysis (section 3)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="also measure, at the last --bits, the cost of each kind of activation quantizer alone")
@@ -190,18 +207,30 @@ def _main(args):
                              weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
                              act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
                              weight_names=("weight", "fc1_weight"))  # fc1_weight: the MLP gate's first layer
-        vals = []
+        vals, int_vals, report = [], [], None
+        int8 = args.int8 and wb <= 8 and ab <= 8  # integer execution needs 8-bit (or narrower) grids
         for seed in args.seeds:
             t0 = time.perf_counter()
             r = run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches, device,
-                        progress)
+                        progress, int8=int8)
             t_q.append(time.perf_counter() - t0)
             vals.append(r["val_" + m])
+            if int8:
+                int_vals.append(r["int8"]["val_" + m])
+                report = r["int8_report"]
         key = f"W{wb}A{ab}"
-        mean = statistics.fmean(vals)
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        result["ptq"][key] = {"values": vals, "mean": mean, "std": std}
-        print(f"{key}: {m} {mean:.3f} +- {std:.3f}  (seeds {args.seeds}: {', '.join(f'{v:.3f}' for v in vals)})")
+        result["ptq"][key] = _mean_std(vals)
+        print(f"{key}: {m} {result['ptq'][key]['mean']:.3f} +- {result['ptq'][key]['std']:.3f}  "
+              f"(seeds {args.seeds}: {', '.join(f'{v:.3f}' for v in vals)})")
+        if int8:
+            result["ptq"][key]["int8"] = {**_mean_std(int_vals), "int8_layers": len(report["int8"]),
+                                          "simulated_layers": report["simulated"]}
+            rel = max(abs(a / b - 1) for a, b in zip(int_vals, vals)) * 100
+            print(f"{key} executed in INT8 ({len(report['int8'])} int8 linear layers, "
+                  f"{len(report['simulated'])} simulated): {m} {result['ptq'][key]['int8']['mean']:.3f}  "
+                  f"(largest relative difference to the simulation: {rel:.4f}%)")
+        elif args.int8:
+            print(f"{key}: --int8 needs weights and activations of at most 8 bits; simulated only")
     result["time_fp_eval_s"] = t_fp
     result["time_ptq_run_s"] = statistics.fmean(t_q) if t_q else None
     if args.analysis:
@@ -233,7 +262,7 @@ def _main(args):
     result["label"] = label
     atomic_write(os.path.join(out, "ptq.json"), json.dumps(result, indent=1))
     with open(os.path.join(out, "ptq.md"), "w") as f:
-        f.write(markdown_header(cfg.arch, [k for k in result["ptq"]]) + markdown_row(result) + "\n")
+        f.write(markdown_header(cfg.arch, _columns(result)) + markdown_row(result) + "\n")
     return result
 
 
@@ -254,11 +283,17 @@ def markdown_header(arch, bit_keys):
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
 
 
+def _columns(r) -> list:
+    """The PTQ columns of a result: each bit setting, and "<bits> INT8" where it was also executed in integers."""
+    return [c for k, v in r["ptq"].items() for c in ([k, f"{k} INT8"] if "int8" in v else [k])]
+
+
 def markdown_row(r) -> str:
     m = metric_name(r["arch"])
     cells = [r["label"], f"{r['fp']['val_' + m]:.2f}", f"{r['fp']['max_inf_norm']:.1f}",
              f"{r['fp']['avg_kurtosis']:.1f}"]
-    cells += [f"{v['mean']:.2f} ± {v['std']:.2f}" for v in r["ptq"].values()]
+    for v in r["ptq"].values():
+        cells += [f"{w['mean']:.2f} ± {w['std']:.2f}" for w in ([v, v["int8"]] if "int8" in v else [v])]
     return "| " + " | ".join(cells) + " |"
 
 
