@@ -60,22 +60,34 @@ def calibration_steps(seed: int, n: int, pool: int = 1_000_000):
     return torch.randint(0, pool, (n,), generator=g).tolist()
 
 
-def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, device, progress=True):
-    """A quantized copy of `model`, calibrated on `calib_batches` random training batches of PTQ seed `seed`."""
-    qmodel = Q.quantize_model(model, qcfg).to(device)
+def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, device, progress=True,
+                    smoothquant: float | None = None, per_token: bool = False):
+    """A quantized copy of `model`, calibrated on `calib_batches` random training batches of PTQ seed `seed`.
+
+    The post-hoc baselines (not the paper's method), on the same calibration batches: smoothquant=alpha first
+    folds SmoothQuant's factors into a copy of the model (quant.smooth_model, where the model's
+    `smoothquant_groups` allow); per_token quantizes every linear layer's input per token, dynamically
+    (quant.use_per_token_inputs)."""
     batches = [to_device(task.batch("train", s, calib_batch_size, seed=seed, augment=False), device)
                for s in calibration_steps(seed, calib_batches)]
-    Q.calibrate(qmodel, tqdm(batches, desc=f"calibrate seed {seed}", leave=False, disable=not progress),
-                lambda m, b: m(**b))
+    fwd = lambda m, b: m(**b)  # noqa: E731
+    if smoothquant is not None:
+        groups = model.smoothquant_groups()
+        absmax = Q.input_absmax(model, [consumers[0][0].rpartition(".")[0] for _, consumers in groups], batches, fwd)
+        model, _ = Q.smooth_model(model, groups, absmax, smoothquant)
+    qmodel = Q.quantize_model(model, qcfg).to(device)
+    if per_token:
+        Q.use_per_token_inputs(qmodel, batches[0], fwd)
+    Q.calibrate(qmodel, tqdm(batches, desc=f"calibrate seed {seed}", leave=False, disable=not progress), fwd)
     return qmodel
 
 
 def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
-            progress=True, int8: bool = False):
+            progress=True, int8: bool = False, **method):
     """One PTQ run: quantize a copy, calibrate, evaluate. With int8, also evaluate the same calibrated model with
     its linear layers executed in integers (int8.py): r["int8"] holds that evaluation and r["int8_report"] which
-    layers ran in int8."""
-    qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress)
+    layers ran in int8. `method`: calibrated_copy's smoothquant / per_token."""
+    qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress, **method)
     r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
     if int8:
         example = to_device(task.batch("train", calibration_steps(seed, 1)[0], calib_batch_size, seed=seed,
@@ -84,6 +96,12 @@ def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval
         r["int8"] = evaluate(imodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
         r["int8_report"] = report
     return r
+
+
+def ptq_method(args) -> dict:
+    """How a PTQ run quantizes: the paper's per-tensor setting, or a post-hoc baseline."""
+    return {"weights": "per-channel" if args.weight_per_channel else "per-tensor",
+            "activations": "per-token inputs" if args.per_token else "per-tensor", "smoothquant": args.smoothquant}
 
 
 def _mean_std(vals: list) -> dict:
@@ -153,6 +171,12 @@ def main(argv=None):
                                                                           "percentile")
     ap.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: the training run's)")
     ap.add_argument("--eval-batch-size", type=int, default=0, help="validation batch size (0: the run's)")
+    ap.add_argument("--per-token", action="store_true",
+                    help="not the paper's: quantize every linear layer's input per token, with ranges computed at "
+                         "run time (the other activations keep static per-tensor ranges)")
+    ap.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                    help="not the paper's: fold SmoothQuant's factors s_j = max|X_j|^a / max|W_j|^(1-a) into the "
+                         "model before quantizing (migration strength a, usually 0.5)")
     ap.add_argument("--int8", action="store_true",
                     help="also run each calibrated model with integer linear layers (int8 x int8 -> int32, "
                          "int8.py) and print both")
@@ -176,6 +200,8 @@ def _main(args):
     for name in ("eval_batches", "eval_batch_size", "calib_batch_size"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: the default)")
+    if args.smoothquant is not None and not 0.0 <= args.smoothquant <= 1.0:
+        raise ValueError(f"--smoothquant {args.smoothquant}: the migration strength must be in [0, 1] (usually 0.5)")
     try:
         device = pick_device(args.device)
     except RuntimeError as e:  # torch.device() of an unknown name
@@ -198,7 +224,8 @@ def _main(args):
     fp.update(headline(fp))
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": ck.get("step"), "arch": cfg.arch,
               "attn_mode": cfg.attn_mode, "config": ck["config"], "fp": fp, "ptq": {}, "eval_batches": eval_batches,
-              "eval_batch_size": eval_bs, "calib_batches": args.calib_batches, "seeds": args.seeds}
+              "eval_batch_size": eval_bs, "calib_batches": args.calib_batches, "seeds": args.seeds,
+              "ptq_method": ptq_method(args)}
     print(f"FP32: {m} {fp['val_' + m]:.3f}   max inf-norm {fp['max_inf_norm']:.1f}   "
           f"avg kurtosis {fp['avg_kurtosis']:.1f}")
     t_q = []
@@ -212,7 +239,7 @@ def _main(args):
         for seed in args.seeds:
             t0 = time.perf_counter()
             r = run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches, device,
-                        progress, int8=int8)
+                        progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token)
             t_q.append(time.perf_counter() - t0)
             vals.append(r["val_" + m])
             if int8:

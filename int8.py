@@ -33,9 +33,8 @@ import copy
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
-from quant import ActQuantizer, WeightQuantizer, quantize
+from quant import ActQuantizer, quantized_linears, linear_input_quantizers, quantize
 
 __all__ = ["int8_codes", "int_matmul", "Int8Linear", "to_int8"]
 
@@ -115,52 +114,6 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight int8 {per}"
 
 
-def _quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight")
-            and isinstance(m.parametrizations.weight[0], WeightQuantizer)]
-
-
-@torch.no_grad()
-def _trace_input_quantizers(qmodel: nn.Module, batch, forward_fn) -> dict[str, tuple[str, ActQuantizer]]:
-    """{linear name: (quantizer name, quantizer)} for each quantized linear layer whose input, on one batch, was
-    produced by an activation quantizer: the latest quantizer output (before the layer ran) that holds exactly
-    the layer's input values (compared sorted, so reshapes and transposes match), or, failing that, the latest
-    that holds all of them (a row selection, e.g. BERT's MLM head runs only at the masked positions)."""
-    produced: list[tuple[str, ActQuantizer, torch.Tensor]] = []
-    inputs: dict[str, tuple[int, torch.Tensor]] = {}
-
-    def record_output(name):
-        def hook(module, args, out):  # returns None: the output is only looked at
-            if torch.is_tensor(out) and out.is_floating_point():
-                produced.append((name, module, out.detach().flatten().sort().values))
-        return hook
-
-    def record_input(name):
-        def hook(module, args):  # returns None: the input is only looked at
-            inputs.setdefault(name, (len(produced), args[0].detach().flatten().sort().values))
-        return hook
-
-    hooks = [q.register_forward_hook(record_output(n)) for n, q in qmodel.named_modules()
-             if isinstance(q, ActQuantizer)]
-    hooks += [lin.register_forward_pre_hook(record_input(n)) for n, lin in _quantized_linears(qmodel)]
-    try:
-        forward_fn(qmodel, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    found = {}
-    for lname, (seen, x) in inputs.items():
-        earlier = produced[:seen][::-1]  # the latest first
-        match = next(((n, q) for n, q, out in earlier if out.shape == x.shape and torch.equal(out, x)), None)
-        if match is None:
-            match = next(((n, q) for n, q, out in earlier
-                          if out.numel() > x.numel() and bool(torch.isin(x, out).all())), None)
-        if match is not None:
-            found[lname] = match
-    return found
-
-
 def to_int8(qmodel: nn.Module, batch, forward_fn=None) -> tuple[nn.Module, dict]:
     """An integer-executing copy of a calibrated quantized model (quant.quantize_model + quant.calibrate).
 
@@ -171,15 +124,17 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None) -> tuple[nn.Module, dict]
     """
     forward_fn = forward_fn if forward_fn is not None else (lambda m, b: m(b))
     imodel = copy.deepcopy(qmodel).eval()
-    sources = _trace_input_quantizers(imodel, batch, forward_fn)
+    sources = linear_input_quantizers(imodel, batch, forward_fn)
     report = {"int8": [], "simulated": {}}
-    for name, lin in _quantized_linears(imodel):
+    for name, lin in quantized_linears(imodel):
         wq = lin.parametrizations.weight[0]
         src = sources.get(name)
         if not wq.enabled or wq.qmax > 127:
             report["simulated"][name] = f"weight not quantized to <= 8 bits (enabled={wq.enabled}, qmax={wq.qmax})"
         elif src is None:
             report["simulated"][name] = "its input is not the output of an activation quantizer"
+        elif not isinstance(src[1], ActQuantizer):
+            report["simulated"][name] = f"its input quantizer {src[0]} has no static grid (per-token, dynamic)"
         elif not src[1].enabled or src[1].scale is None or src[1].qmin < 0 or src[1].qmax > 255:
             report["simulated"][name] = f"its input quantizer {src[0]} is off, uncalibrated or wider than 8 bits"
         else:

@@ -341,6 +341,40 @@ class _Transformer(nn.Module):
         if self.cfg.pos_init == "sinusoidal":
             self.wpe.weight.copy_(sinusoidal_positions(*self.wpe.weight.shape, rms=self.cfg.init_std))  # (T, d)
 
+    def smoothquant_groups(self) -> list:
+        """Where SmoothQuant's per-channel factors fold in exactly (quant.smooth_model): [(producer, [(consumer
+        parameter, shape to view the K factors as), ...]), ...]. A producer qualifies when its output feeds only
+        the listed consumers, linearly per channel:
+          every block: v_proj -> o_proj (the context P V is linear in V, per channel; the gate multiplies it);
+          pre-LN (OPT, ViT): ln1 -> q_proj, k_proj, v_proj and the gate (which reads the same input);
+                             ln2 -> fc1;
+          post-LN (BERT): the LayerNorm outputs also feed the residual, so only the last block's ln2 -> the MLM
+                          head's dense layer qualifies.
+        Not smoothed: fc2 (its input is GELU's / ReLU's output), the patch embedding (the image), the final layer."""
+        groups = []
+        for i, block in enumerate(self.blocks):
+            p = f"blocks.{i}."
+            groups.append((p + "attn.v_proj", [(p + "attn.o_proj.weight", (1, -1))]))
+            if block.pre_ln:
+                groups.append((p + "ln1", [(p + f"attn.{x}_proj.weight", (1, -1)) for x in "qkv"]
+                               + self._gate_consumers(block.attn, p + "attn.gate.")))
+                groups.append((p + "ln2", [(p + "fc1.weight", (1, -1))]))
+        if isinstance(self, BertMLM):
+            groups.append((f"blocks.{len(self.blocks) - 1}.ln2", [("head_dense.weight", (1, -1))]))
+        return groups
+
+    @staticmethod
+    def _gate_consumers(attn, prefix) -> list:
+        """The gate's input weights, with the shape that lines the attention input's channels up with them."""
+        if attn.gate is None:
+            return []
+        H, D = attn.n_heads, attn.d_head
+        if attn.gate.gate_type == "linear":
+            return [(prefix + "weight", (H, D))]  # (H, d_head): head i reads channels i*D .. i*D + D - 1
+        if attn.gate.gate_type == "mlp":
+            return [(prefix + "fc1_weight", (H, 1, D))]  # (H, n_hid, d_head)
+        return [(prefix + "weight", (1, H * D))]  # all_heads_linear: (H, d_model)
+
     def num_params(self) -> int:
         """Number of parameters; a tied head shares the embedding's weight and is counted once."""
         return sum(p.numel() for p in self.parameters())  # .parameters() yields a shared tensor once
