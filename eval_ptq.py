@@ -241,8 +241,8 @@ def _main(args):
     label = args.label or describe(cfg)
     result["label"] = label
     atomic_write(os.path.join(out, "ptq.json"), json.dumps(result, indent=1))
-    with open(os.path.join(out, "ptq.md"), "w") as f:
-        f.write(markdown_header(cfg.arch, [k for k in result["ptq"]]) + markdown_row(result) + "\n")
+    atomic_write(os.path.join(out, "ptq.md"), markdown_header(cfg.arch, [k for k in result["ptq"]])
+                 + markdown_row(result) + "\n")
     return result
 
 
