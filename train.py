@@ -152,18 +152,27 @@ EXPLODE_FACTOR = 4.0
 
 
 def memory_estimate(cfg, tc: TrainConfig, world: int = 1) -> int:
-    """A rough lower bound, in bytes, of the memory one training step needs: the attention scores and
-    probabilities kept for the backward pass, (micro-batch / world) x heads x T^2 x 4 bytes x 3 per layer, plus
-    the activations of the residual stream and FFN, plus parameters, gradients and AdamW's two moments. Used
-    before training to refuse a configuration that cannot fit (e.g. --max-seq-len 50000), not to plan memory."""
+    """A rough lower bound, in bytes, of the memory a run needs, used before training to refuse a configuration
+    that cannot fit (e.g. --max-seq-len 50000), not to plan memory. The larger of
+      training:   per micro-batch row and layer, the activations kept for the backward pass (about 10 d + 2 d_ff
+                  values per position, and 3 H T^2 attention scores / probabilities / dropout masks unless the
+                  fused SDPA path is used), 2 bytes each under bf16 / fp16 autocast, else 4; plus the logits
+                  and 16 bytes per parameter (weight, gradient, AdamW's two moments);
+      evaluation: the attention probabilities (eval batch, H, T, T) of every layer, float32, which `evaluate`
+                  records for the outlier metrics.
+    """
     T = (cfg.image_size // cfg.patch_size) ** 2 + 1 if cfg.arch == "vit" else cfg.max_seq_len
     B = max(1, tc.batch_size // tc.grad_accum // world)
     ebs = tc.eval_batch_size or min(tc.batch_size, 64)
-    per_layer = 4 * (3 * cfg.n_heads * T * T + T * (10 * cfg.d_model + 2 * cfg.d_ff))
-    acts = max(B, ebs if cfg.arch != "vit" else B) * cfg.n_layers * per_layer
-    vocab = getattr(cfg, "vocab_size", 0) + T
-    params = cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.d_ff) + vocab * cfg.d_model
-    return acts + 16 * params + B * T * vocab * 4 * (cfg.arch != "vit")
+    nbytes = 2 if tc.dtype in ("bf16", "fp16") else 4
+    fused = cfg.fused_attn and cfg.attn_mode != "clipped" and not tc.compile
+    per_row_layer = T * (10 * cfg.d_model + 2 * cfg.d_ff) + (0 if fused else 3 * cfg.n_heads * T * T)
+    rows = getattr(cfg, "vocab_size", cfg.n_classes if cfg.arch == "vit" else 0)
+    params = cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.d_ff) + (rows + T) * cfg.d_model
+    logits = B * (T if cfg.arch != "vit" else 1) * rows * 4
+    train_bytes = B * cfg.n_layers * per_row_layer * nbytes + logits + 16 * params
+    eval_bytes = ebs * cfg.n_layers * cfg.n_heads * T * T * 4
+    return max(train_bytes, eval_bytes)
 
 
 def machine_memory(device: torch.device) -> int | None:
@@ -485,10 +494,11 @@ def main(argv=None):
     need, have = memory_estimate(cfg, tc, world), machine_memory(device)
     if have is not None and need > have:
         T = cfg.max_seq_len if cfg.arch != "vit" else f"{(cfg.image_size // cfg.patch_size) ** 2 + 1} patches"
-        sys.exit(f"error: one training step needs at least {need / 2**30:.1f} GiB (sequence length {T}, batch "
-                 f"{tc.batch_size // tc.grad_accum} per micro-batch, {cfg.n_layers} layers, {cfg.n_heads} heads), "
-                 f"more than the {have / 2**30:.1f} GiB of {device}: lower --max-seq-len or --batch-size, or raise "
-                 f"--grad-accum")
+        sys.exit(f"error: this run needs at least {need / 2**30:.1f} GiB for a training step or an evaluation "
+                 f"(sequence length {T}, batch {tc.batch_size // tc.grad_accum} per micro-batch, evaluation batch "
+                 f"{tc.eval_batch_size or min(tc.batch_size, 64)}, {cfg.n_layers} layers, {cfg.n_heads} heads), more "
+                 f"than the {have / 2**30:.1f} GiB of {device}: lower --max-seq-len, --batch-size or "
+                 f"--eval-batch-size, or raise --grad-accum")
     out = args.resume if (args.resume and os.path.isdir(args.resume)) else tc.out
     if args.resume and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))

@@ -210,6 +210,7 @@ def test_nonfinite_flags_refused_at_parse_time(tmp_path, corpus, flag, value, ca
     (["--lr", "0.5", "--weight-decay", "2"], ["weight_decay=2.0", "lr * weight_decay < 1"]),
     (["--ln-eps", "5"], ["ln_eps=5.0"]),
     (["--max-seq-len", "50000"], ["needs at least", "GiB", "--max-seq-len"]),
+    (["--max-seq-len", "50000", "--attn-mode", "clipped", "--clip-alpha", "4"], ["needs at least", "GiB"]),
 ])
 def test_out_of_range_refused_before_anything_is_written(tmp_path, corpus, extra, needles):
     msg = main_error(train.main, args(corpus, "--steps", 2, *extra, "--out", tmp_path / "run"))
