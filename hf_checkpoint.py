@@ -881,6 +881,18 @@ def _cmd_export(args):
     print(f"exported {cfg.arch} (step {ck.get('step')}) to {args.hf_folder}: {', '.join(files)}")
 
 
+def _shard_mb(s: str) -> float:
+    """--max-shard-size-mb: 0 (one file) or a finite size of at least one byte."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {s!r}") from None
+    if not (v == 0 or 2.0 ** -20 <= v < 1e12):
+        raise argparse.ArgumentTypeError(f"expected 0 (one file) or a positive size in MB (at least one byte), "
+                                         f"got {s!r}")
+    return v
+
+
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -901,7 +913,7 @@ def build_parser():
     exp.add_argument("hf_folder", help="folder to create (must be new or empty)")
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "bin"],
                      help="model.safetensors or pytorch_model.bin")
-    exp.add_argument("--max-shard-size-mb", type=float, default=0, help="split the weights into shards of at most "
+    exp.add_argument("--max-shard-size-mb", type=_shard_mb, default=0, help="split the weights into shards of at most "
                                                                        "this many MB, with an index (0: one file)")
     exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the stored weights")
     exp.set_defaults(func=_cmd_export)

@@ -385,6 +385,14 @@ def test_hf_config_bounds_checked_before_anything_is_built(tmp_path, monkeypatch
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e-9"])
+def test_shard_size_refused_at_parse_time(tmp_path, run, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        H.main(["export", str(run), str(tmp_path / "hf"), f"--max-shard-size-mb={value}"])
+    assert e.value.code == 2 and "--max-shard-size-mb" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def _safetensors(path, header: bytes, data=b""):
     path.write_bytes(struct.pack("<Q", len(header)) + header + data)
     return path
