@@ -284,6 +284,55 @@ def test_full_disk_reported_as_full_and_previous_kept(small_disk, tmp_path, run,
     assert "disk is full" in msg or "No space left" in msg or "MiB free" in msg
 
 
+@pytest.fixture
+def readonly_disk(tmp_path):
+    """A real read-only file system (a tmpfs remounted ro; needs root): not even root can write there."""
+    disk = tmp_path / "ro"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_readonly_out_is_one_clear_error(readonly_disk, corpus, run):
+    msg = main_error(train.main, args(corpus, "--steps", 2, "--out", readonly_disk / "run"))
+    assert f"cannot write to the run folder {readonly_disk / 'run'}: Read-only file system" in msg
+    msg = main_error(eval_ptq.main, [str(run), "--quiet", "--out", str(readonly_disk)])
+    assert "cannot write the results" in msg and "Read-only file system" in msg
+
+
+@pytest.fixture
+def disk_8m(tmp_path):
+    disk = tmp_path / "disk8"
+    if not _mount_tmpfs(disk, "8m"):
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_disk_filling_up_during_training(disk_8m, corpus, monkeypatch):
+    """A real full disk at the checkpoint of step 4 (something else fills it just before): one clear error with
+    the path, the temporary file gone, the step-2 checkpoint intact and named."""
+    save = train.save_checkpoint
+
+    def fill_then_save(path, obj, **kw):
+        if obj["step"] == 4:
+            with open(disk_8m / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+        save(path, obj, **kw)
+
+    monkeypatch.setattr(train, "save_checkpoint", fill_then_save)
+    out = disk_8m / "run"
+    msg = main_error(train.main, args(corpus, "--steps", 6, "--ckpt-interval", 2, "--eval-interval", 100,
+                                      "--out", out))
+    assert f"cannot write {out / 'ckpt.pt'}: the disk is full" in msg
+    assert f"the last good checkpoint is {out / 'ckpt.pt'} (step 2)" in msg
+    assert checkpoint.load_checkpoint(str(out))["step"] == 2
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_full_disk_during_training_names_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     save = train.save_checkpoint
 
