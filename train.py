@@ -510,8 +510,10 @@ def main(argv=None):
     # Resuming from another file (e.g. ckpt.prev.pt, because ckpt.pt is damaged): the first write must not keep
     # the unverified ckpt.pt as the "previous good" one.
     rotate = not args.resume or os.path.abspath(resume_file) == os.path.abspath(ckpt_path)
-    if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(os.path.join(out, "ckpt.prev.pt"))):
-        sys.exit(f"error: {ckpt_path} exists: pass --resume {out} to continue it, or choose another --out")
+    existing = [p for p in (ckpt_path, os.path.join(out, "ckpt.prev.pt")) if os.path.exists(p)]
+    if not args.resume and existing:
+        again = out if existing[0] == ckpt_path else existing[0]  # only ckpt.prev.pt: resume that file
+        sys.exit(f"error: {existing[0]} exists: pass --resume {again} to continue it, or choose another --out")
     try:
         os.makedirs(out, exist_ok=True)
         if master:
