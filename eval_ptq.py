@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import quant as Q
-from checkpoint import atomic_write, load_checkpoint, pick_device
+from checkpoint import atomic_write, check_writable, load_checkpoint, pick_device
 from data import Task, eval_sizes
 from int8 import to_int8
 from metrics import OutlierStats, evaluate, to_device
@@ -192,6 +192,8 @@ def main(argv=None):
         return _main(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only --out
+        sys.exit(f"error: {e.strerror if e.filename else e}{f': {e.filename}' if e.filename else ''}")
 
 
 def _main(args):
@@ -206,9 +208,14 @@ def _main(args):
         device = pick_device(args.device)
     except RuntimeError as e:  # torch.device() of an unknown name
         raise ValueError(f"--device {args.device}: {e}") from e
-    ck = load_checkpoint(args.checkpoint)
-    model, cfg = model_from_checkpoint(ck)
+    ck = load_checkpoint(args.checkpoint)  # weights_only, checksum verified, finite weights
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+    out = args.out or run_dir
+    try:  # before the evaluation, not after it
+        check_writable(out)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the results to {out} ({e.strerror or e})") from None
+    model, cfg = model_from_checkpoint(ck)
     task = Task.for_run(cfg, run_dir, ck["train_config"], args.data)
     model.to(device).eval()
     run_bs, run_batches = eval_sizes(ck["train_config"])
@@ -283,13 +290,10 @@ def _main(args):
         for k, v in sorted(sens.items(), key=lambda kv: -abs(kv[1] - fp["val_" + m])):
             print(f"  {k:<28} {v:.3f}  ({(v / fp['val_' + m] - 1) * 100:+.2f}%)")
 
-    out = args.out or run_dir
-    os.makedirs(out, exist_ok=True)
     label = args.label or describe(cfg)
     result["label"] = label
     atomic_write(os.path.join(out, "ptq.json"), json.dumps(result, indent=1))
-    with open(os.path.join(out, "ptq.md"), "w") as f:
-        f.write(markdown_header(cfg.arch, _columns(result)) + markdown_row(result) + "\n")
+    atomic_write(os.path.join(out, "ptq.md"), markdown_header(cfg.arch, _columns(result)) + markdown_row(result) + "\n")
     return result
 
 

@@ -96,6 +96,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+_MAX_DIM = 2 ** 48  # a bound on one dimension, far beyond any real tensor (an empty tensor may claim any shape)
 
 
 def _safetensors_index(path: Path) -> tuple[dict, dict, int]:
@@ -117,8 +118,9 @@ def _safetensors_index(path: Path) -> tuple[dict, dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors file: the header is not valid JSON ({e})") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, a 5000-digit int
+        raise ValueError(f"{path}: corrupt safetensors file: the header is not valid JSON "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors file: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -130,12 +132,13 @@ def _safetensors_index(path: Path) -> tuple[dict, dict, int]:
         bad = f"{path}: corrupt safetensors file: tensor {name!r}"
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
             raise ValueError(f"{bad} lacks dtype, shape or data_offsets")
-        if e["dtype"] not in SAFETENSORS_DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{bad} has dtype {e['dtype']!r}; supported: {', '.join(SAFETENSORS_DTYPES)}")
         shape, offsets = e["shape"], e["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise ValueError(f"{bad} has shape {shape!r}: expected a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        if not (isinstance(shape, list) and len(shape) <= 16
+                and all(type(s) is int and 0 <= s <= _MAX_DIM for s in shape)):
+            raise ValueError(f"{bad} has shape {str(shape)[:100]}: expected up to 16 integers in 0..{_MAX_DIM}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"{bad} has data_offsets {offsets!r}: expected [begin, end] with 0 <= begin <= end")
         dtype = SAFETENSORS_DTYPES[e["dtype"]]
@@ -324,13 +327,51 @@ def _require(hf, field, default, allowed, why):
     return value
 
 
+# Sane bounds on every shape field of a config.json, checked before anything is built or read: a crafted
+# vocab_size of 10^11 would otherwise ask for a 512 GB embedding before any shape is compared with the weights.
+HF_INT_BOUNDS = {"num_hidden_layers": 1024, "num_attention_heads": 1024, "hidden_size": 65536,
+                 "intermediate_size": 1 << 20, "ffn_dim": 1 << 20, "vocab_size": 1 << 22,
+                 "max_position_embeddings": 1 << 20, "type_vocab_size": 1024, "word_embed_proj_dim": 65536,
+                 "image_size": 8192, "patch_size": 8192, "num_channels": 64, "num_labels": 1 << 20}
+HF_FLOAT_BOUNDS = {"hidden_dropout_prob": (0.0, 1.0), "attention_probs_dropout_prob": (0.0, 1.0),
+                   "dropout": (0.0, 1.0), "attention_dropout": (0.0, 1.0), "layer_norm_eps": (0.0, 1.0),
+                   "initializer_range": (0.0, 1.0), "init_std": (0.0, 1.0)}
+
+
+def check_hf_config_bounds(hf: dict) -> None:
+    """ValueError naming the field if a shape in config.json is not an integer in 1..HF_INT_BOUNDS[field], a
+    probability or epsilon is not a finite number in its range, or the parameters it implies would not fit in
+    this machine's memory. Cheap: call it before reading weights or building a model."""
+    if not isinstance(hf, dict):
+        raise ValueError("config.json must hold a JSON object")
+    for field, hi in HF_INT_BOUNDS.items():
+        v = hf.get(field)
+        if v is not None and (type(v) is not int or not 1 <= v <= hi):
+            _refuse(field, v, f"expected an integer in 1..{hi}")
+    for field, (lo, hi) in HF_FLOAT_BOUNDS.items():
+        v = hf.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi):
+            _refuse(field, v, f"expected a number in [{lo:g}, {hi:g}]")
+    d, layers = hf.get("hidden_size", 768), hf.get("num_hidden_layers", 12)
+    ff = hf.get("intermediate_size", hf.get("ffn_dim", 3072))
+    rows = hf.get("vocab_size", 50272) + hf.get("max_position_embeddings", 2048) + hf.get("type_vocab_size", 2)
+    n = layers * (4 * d * d + 2 * d * ff) + rows * d
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 1 << 40
+    if 4 * n > ram:
+        raise ValueError(f"config.json describes a model of about {n / 1e9:.1f}B parameters ({4 * n / 2**30:.0f} GiB "
+                         f"in float32: hidden_size={d}, num_hidden_layers={layers}, intermediate size {ff}, "
+                         f"{rows} embedding rows), more than this machine's {ram / 2**30:.0f} GiB of memory")
+
+
 def config_from_hf(hf: dict, max_seq_len: int | None = None, n_classes: int | None = None):
     """The project's config (model.py) for a Hugging Face config.json (a dict), with Hugging Face's defaults for
     missing fields. max_seq_len: fewer positions than the checkpoint has (the paper trains BERT at 128 and OPT at
     512; the positions table is cut to match). n_classes (ViT): the classifier's rows, else len(id2label).
     ValueError naming the field for anything the project's models cannot compute exactly."""
-    if not isinstance(hf, dict):
-        raise ValueError("config.json must hold a JSON object")
+    check_hf_config_bounds(hf)
     model_type = hf.get("model_type")
     if model_type not in ("bert", "opt", "vit"):
         raise ValueError(f"config.json: model_type={model_type!r} is not supported: the project has BERT "
@@ -738,6 +779,7 @@ def load_hf_model(folder: str | os.PathLike, max_seq_len: int | None = None, not
     max_seq_len: use fewer positions than the checkpoint has (BERT, OPT). `notes` collects what was ignored or
     converted. ValueError / FileNotFoundError naming the file, field or tensor on anything that does not fit."""
     hf_cfg = read_hf_config(folder)
+    check_hf_config_bounds(hf_cfg)  # before reading weights or building anything
     sd = load_hf_state_dict(folder)
     n_classes = None
     if hf_cfg.get("model_type") == "vit":
@@ -839,6 +881,18 @@ def _cmd_export(args):
     print(f"exported {cfg.arch} (step {ck.get('step')}) to {args.hf_folder}: {', '.join(files)}")
 
 
+def _shard_mb(s: str) -> float:
+    """--max-shard-size-mb: 0 (one file) or a finite size of at least one byte."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {s!r}") from None
+    if not (v == 0 or 2.0 ** -20 <= v < 1e12):
+        raise argparse.ArgumentTypeError(f"expected 0 (one file) or a positive size in MB (at least one byte), "
+                                         f"got {s!r}")
+    return v
+
+
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -859,7 +913,7 @@ def build_parser():
     exp.add_argument("hf_folder", help="folder to create (must be new or empty)")
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "bin"],
                      help="model.safetensors or pytorch_model.bin")
-    exp.add_argument("--max-shard-size-mb", type=float, default=0, help="split the weights into shards of at most "
+    exp.add_argument("--max-shard-size-mb", type=_shard_mb, default=0, help="split the weights into shards of at most "
                                                                        "this many MB, with an index (0: one file)")
     exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the stored weights")
     exp.set_defaults(func=_cmd_export)

@@ -17,8 +17,9 @@ builds a quantized COPY of any model following two conventions:
 
   * every activation to quantize that is not the output of an nn.Linear / nn.Embedding / nn.LayerNorm passes
     through an `nn.Identity()` "slot" (and nn.Identity is used for nothing else);
-  * every weight to quantize is a Parameter named `weight` (QuantConfig.weight_names) with ndim >= 2 sitting
-    directly on a module.
+  * every weight to quantize is a Parameter named `weight` (or `fc1_weight`, the MLP gate's first layer:
+    QuantConfig.weight_names) with ndim >= 2 sitting directly on a module. What stays in floating point, and
+    why, is listed by quant_summary ("fp_params").
 
 It imports torch only (never model.py): a forker's model quantizes too, and the FP model never depends on it.
 Not a framework: no integer kernels, no learned ranges; quantization is simulated in float ("fake quant").
@@ -54,9 +55,34 @@ def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     symmetric:  [-2^(b-1), 2^(b-1) - 1]       (signed grid, z = 0; the same as Eq. 1's unsigned grid with
                                                z = 2^(b-1), shifted by z)
     """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
+
+
+def check_qparams(scale, zero_point=None, qmin: int | None = None, qmax: int | None = None, where: str = ""
+                  ) -> None:
+    """ValueError unless the grid and the qparams make sense, like torch's fake-quant ops check theirs (stricter:
+    torch accepts a zero, negative or NaN scale and then returns zeros or NaN):
+        qmin < qmax (integers);  every scale finite and > 0;  every zero point an integer in [qmin, qmax].
+    `where` names the caller (a quantizer) in the message."""
+    at = f"{where}: " if where else ""
+    if qmin is not None or qmax is not None:
+        if not all(isinstance(q, int) and not isinstance(q, bool) for q in (qmin, qmax)) or not qmin < qmax:
+            raise ValueError(f"{at}the grid needs integers qmin < qmax, got [{qmin!r}, {qmax!r}]")
+    s = torch.as_tensor(scale).detach()
+    if not (s.is_floating_point() and bool(torch.isfinite(s).all()) and bool((s > 0).all())):
+        raise ValueError(f"{at}the scale must be finite and > 0, got {s.flatten()[:4].tolist()}"
+                         f"{' ...' if s.numel() > 4 else ''} (a range with inf / NaN, or a zero range without eps)")
+    if zero_point is not None:
+        z = torch.as_tensor(zero_point).detach()
+        if z.is_floating_point() and not bool((z == torch.round(z)).all()):
+            raise ValueError(f"{at}the zero point must be an integer, got {z.flatten()[:4].tolist()}")
+        if qmin is not None and bool(((z < qmin) | (z > qmax)).any()):
+            raise ValueError(f"{at}the zero point must lie in the grid [{qmin}, {qmax}], got "
+                             f"{z.flatten()[:4].tolist()}")
 
 
 def choose_qparams(x_min, x_max, bits: int, symmetric: bool, eps: float = EPS
@@ -75,10 +101,14 @@ def choose_qparams(x_min, x_max, bits: int, symmetric: bool, eps: float = EPS
     In both cases s >= eps (float32 machine epsilon by default): a constant, all-zero or single-value tensor
     (x_min == x_max) gives a finite scale, never NaN / inf.
 
-    Returns (scale float32, zero_point int32), the dtypes torch's fake-quant ops take.
+    Returns (scale float32, zero_point int32), the dtypes torch's fake-quant ops take. ValueError on a non-finite
+    range (data with inf / NaN) or bits outside [2, 16].
     """
     x_min = torch.as_tensor(x_min, dtype=torch.float32).detach()
     x_max = torch.as_tensor(x_max, dtype=torch.float32).detach()
+    if not (bool(torch.isfinite(x_min).all()) and bool(torch.isfinite(x_max).all())):
+        raise ValueError(f"choose_qparams: the range must be finite, got [{x_min}, {x_max}] (inf / NaN in the data "
+                         f"it was estimated from)")
     if bool((x_min > x_max).any()):
         raise ValueError(f"choose_qparams: x_min must be <= x_max, got {x_min} > {x_max}")
     qmin, qmax = quant_range(bits, symmetric)
@@ -132,6 +162,7 @@ def quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int
     Returns integer values as float32 (float64 for float64 x), or cast to `dtype` (e.g. torch.int8 /
     torch.int32) if given.
     """
+    check_qparams(scale, zero_point, qmin, qmax, "quantize")
     q, _, _ = _quantize_unclamped(x, scale, zero_point, axis)
     q = q.clamp(qmin, qmax)
     return q if dtype is None else q.to(dtype)
@@ -139,6 +170,7 @@ def quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int
 
 def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> torch.Tensor:
     """x_hat = s * (x_int - z): the outer part of Eq. 1. Returns float32 (float64 for float64 q)."""
+    check_qparams(scale, zero_point, where="dequantize")
     q = q.to(torch.promote_types(q.dtype, torch.float32)) if q.is_floating_point() else q.to(torch.float32)
     s = _per_axis(scale, q, axis).to(torch.float32)
     z = _per_axis(zero_point, q, axis).to(q.dtype)
@@ -171,7 +203,13 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis
     no gradient to s or z (static ranges).
     One difference from torch, in our favour: torch's per-CHANNEL kernel casts round(x / s) + z to int64 before
     clamping, so |x / s| > 2^63 (or inf) wraps to qmin; here it clamps to qmax / qmin as the sign says.
+    NaN inputs: NaN outputs (round, clamp and the arithmetic keep NaN), where torch's kernels cast NaN to an
+    integer and return an arbitrary grid value (0 * s for per-tensor on x86): a NaN stays visible. +-inf clamp
+    to the grid's ends, as in torch.
+    Validated like torch's ops (check_qparams): qmin < qmax, scale finite and > 0, zero point an integer in
+    [qmin, qmax]; ValueError otherwise.
     """
+    check_qparams(scale, zero_point, qmin, qmax, "fake_quantize")
     return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
@@ -208,6 +246,15 @@ def _kth_quantile(flat: torch.Tensor, p: float) -> torch.Tensor:
     return torch.lerp(below, above, frac)
 
 
+def _check_finite(x: torch.Tensor, who: str) -> None:
+    """A range estimated from inf / NaN is inf / NaN (scale inf, zero point -2^31, all outputs inf or NaN): refuse
+    the data instead, naming the quantizer that saw it."""
+    if not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{who}: {n} of {x.numel()} values are inf / NaN; a quantization range cannot be estimated "
+                         f"from them (check the model and the calibration data)")
+
+
 class _RangeEstimator(nn.Module):
     """Base class: forward(x) records a range from x and returns x unchanged.
 
@@ -224,6 +271,7 @@ class _RangeEstimator(nn.Module):
 
     def forward(self, x):
         if torch.is_tensor(x) and x.is_floating_point() and x.numel() > 0:
+            _check_finite(x, type(self).__name__)
             with torch.no_grad():
                 self._observe(x.detach())
         return x
@@ -402,6 +450,8 @@ class ActQuantizer(nn.Module):
         if not (torch.is_tensor(x) and x.is_floating_point()):
             return x
         if self.observing:
+            if x.numel():
+                _check_finite(x, f"activation quantizer {self.name!r} (calibration)")
             self.observer(x)
             if self.quantize_while_observing and self.enabled and self.observer.has_data:
                 s, z = self.observer.qparams(self.bits, self.symmetric)
@@ -450,10 +500,10 @@ class WeightQuantizer(nn.Module):
     `enabled=False` returns the FP weight (set_quant_state(weights=False), e.g. for W32A8).
     """
 
-    def __init__(self, observer: _RangeEstimator, bits: int = 8, symmetric: bool = True):
+    def __init__(self, observer: _RangeEstimator, bits: int = 8, symmetric: bool = True, name: str = ""):
         super().__init__()
         self.observer = observer
-        self.bits, self.symmetric = bits, symmetric
+        self.bits, self.symmetric, self.name = bits, symmetric, name
         self.qmin, self.qmax = quant_range(bits, symmetric)
         self.axis = observer.axis
         self.enabled = True
@@ -465,6 +515,7 @@ class WeightQuantizer(nn.Module):
             return
         with torch.no_grad():
             self.observer.reset()
+            _check_finite(w, f"weight quantizer {self.name!r}")
             self.observer(w.detach())
             self.scale, self.zero_point = self.observer.qparams(self.bits, self.symmetric)
             self._cache = fake_quantize(w.detach(), self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
@@ -505,7 +556,8 @@ class QuantConfig:
                             e.g. to quantize an FFN's first linear layer and its GELU as one unit as the
                             authors' code does, skip the linear's output and keep the `act` slot
     quantize_outputs_of     module types whose outputs get an activation quantizer
-    weight_names            Parameter names (ndim >= 2, directly on a module) that are quantized as weights
+    weight_names            Parameter names (ndim >= 2, directly on a module) that are quantized as weights:
+                            `weight`, and `fc1_weight` of the MLP gate (whose output layer is its `weight`)
     """
 
     weight_bits: int = 8
@@ -518,7 +570,7 @@ class QuantConfig:
     skip: tuple = ("lm_head", "head")
     skip_outputs: tuple = ()
     quantize_outputs_of: tuple = (nn.Linear, nn.Embedding, nn.LayerNorm)
-    weight_names: tuple = ("weight",)
+    weight_names: tuple = ("weight", "fc1_weight")  # fc1_weight: the first layer of the MLP gate (attention.py)
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -571,13 +623,13 @@ def _act_quantizer(qcfg: QuantConfig, name: str) -> ActQuantizer:
     return ActQuantizer(obs, qcfg.act_bits, symmetric=False, name=name)
 
 
-def _weight_quantizer(qcfg: QuantConfig) -> WeightQuantizer:
+def _weight_quantizer(qcfg: QuantConfig, name: str = "") -> WeightQuantizer:
     axis = 0 if qcfg.weight_per_channel else None
     if qcfg.weight_estimator == "mse":
         obs = MSE(qcfg.weight_bits, symmetric=True, axis=axis)
     else:
         obs = CurrentMinMax(axis)
-    return WeightQuantizer(obs, qcfg.weight_bits, symmetric=True)
+    return WeightQuantizer(obs, qcfg.weight_bits, symmetric=True, name=name)
 
 
 def _quantize_output_hook(module, args, output):
@@ -593,7 +645,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Modu
       * each module of a type in `qcfg.quantize_outputs_of` (nn.Linear / nn.Embedding / nn.LayerNorm) gets a
         child `output_quantizer` (ActQuantizer) applied to its output by a forward hook, unless the module is
         under `qcfg.skip_outputs` (hooks and children live in the copy only and go away with it);
-      * each Parameter named in `qcfg.weight_names` (default "weight") with ndim >= 2 gets a symmetric
+      * each Parameter named in `qcfg.weight_names` ("weight", "fc1_weight") with ndim >= 2 gets a symmetric
         WeightQuantizer parametrization (torch.nn.utils.parametrize): `module.weight` becomes the fake-quantized
         weight while the Parameter itself is unchanged, so a head TIED to that Parameter (e.g. a skipped
         `lm_head`) keeps using the FP weight. LayerNorm weights (1-D) and all biases stay FP.
@@ -602,6 +654,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Modu
     """
     qcfg = qcfg if qcfg is not None else QuantConfig()
     qmodel = copy.deepcopy(model)
+    qmodel.quant_config = qcfg  # read by quant_summary (what stays in floating point, and why)
     modules = list(qmodel.named_modules())  # snapshot before any swap
     for name, module in modules:
         if not name or _under(name, qcfg.skip):
@@ -614,7 +667,8 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Modu
             p = module._parameters.get(pname)
             if p is not None and p.ndim >= 2:
                 with torch.no_grad():  # the registration's check call fills the cache
-                    parametrize.register_parametrization(module, pname, _weight_quantizer(qcfg))
+                    parametrize.register_parametrization(module, pname,
+                                                         _weight_quantizer(qcfg, f"{name}.{pname}"))
         if isinstance(module, tuple(qcfg.quantize_outputs_of)) and not _under(name, qcfg.skip_outputs):
             module.output_quantizer = _act_quantizer(qcfg, name + ".output_quantizer")
             module.register_forward_hook(_quantize_output_hook)
@@ -682,16 +736,46 @@ def quant_summary(qmodel: nn.Module) -> dict:
      "act_quantizers": [module path of each ActQuantizer, e.g. "blocks.0.attn.attn_scores",
                         "blocks.0.ffn.fc1.output_quantizer"],
      "weight_quantizers": [quantized weight, e.g. "blocks.0.ffn.fc1.weight"],
-     "uncalibrated": [ActQuantizers without a range (never reached by float data during calibrate)]}
+     "uncalibrated": [ActQuantizers without a range (never reached by float data during calibrate)],
+     "fp_params": {parameter: why it stays in floating point}}
+
+    What stays in floating point (fp_params), by design:
+      * everything under QuantConfig.skip: the final linear layer (lm_head / head), as in sec. 5; a tied lm_head
+        shares the word embedding's Parameter, which IS quantized where the embedding uses it;
+      * biases and 1-D parameters (LayerNorm gains and shifts, the gates' biases, the MLP gate's 2-D fc1_bias):
+        elementwise, kept in floating point as integer kernels keep 32-bit biases;
+      * ViT's pos_embed and cls_token: ADDED to the patch embeddings, not multiplied, so like biases they stay in
+        floating point; the sum is quantized by the activation quantizer of the `emb_sum` slot right after;
+      * any other parameter not named in QuantConfig.weight_names.
     """
     acts = _act_quantizers(qmodel)
     weights = _weight_quantizers(qmodel)
+    qcfg = getattr(qmodel, "quant_config", None)
+    quantized = {n for n, _ in weights}
+    fp = {}
+    for name, p in qmodel.named_parameters():
+        name = name.replace(".parametrizations.", ".").replace(".original", "")
+        if name.startswith("parametrizations."):
+            name = name[len("parametrizations."):]
+        if name in quantized:
+            continue
+        owner, _, pname = name.rpartition(".")
+        if qcfg is not None and owner and _under(owner, qcfg.skip):
+            fp[name] = "in a module QuantConfig.skip leaves in floating point (the final linear layer, sec. 5)"
+        elif p.ndim < 2 or pname.endswith("bias"):
+            fp[name] = "a bias or LayerNorm parameter: elementwise, kept in floating point (as 32-bit biases are)"
+        elif pname in ("pos_embed", "cls_token"):
+            fp[name] = ("added to the embeddings, not multiplied: kept in floating point like a bias; the sum is "
+                        "quantized by the emb_sum activation quantizer")
+        else:
+            fp[name] = "not named in QuantConfig.weight_names"
     return {
         "n_act_quantizers": len(acts),
         "n_weight_quantizers": len(weights),
         "act_quantizers": [n for n, _ in acts],
         "weight_quantizers": [n for n, _ in weights],
         "uncalibrated": [n for n, q in acts if q.scale is None],
+        "fp_params": fp,
     }
 
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -35,7 +36,8 @@ from tqdm import tqdm
 
 import data as D
 from attention import SelfAttention
-from checkpoint import load_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfinite_tensors, pick_device,
+                        remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, get_config
 from metrics import evaluate, n_targets, to_device
 
@@ -103,6 +105,12 @@ assert set(RECIPES) == set(PRESETS), "every model preset needs a training recipe
 def validate_train_config(tc: TrainConfig) -> None:
     def bad(f, allowed):
         raise ValueError(f"{f}={getattr(tc, f)!r} is invalid: {allowed}")
+    for f in fields(TrainConfig):  # also a train_config read from a checkpoint
+        v = getattr(tc, f.name)
+        if f.type in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            bad(f.name, "must be a number")
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f.name, "must be a finite number")
     for f in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
               "ckpt_interval"):
         if getattr(tc, f) <= 0:
@@ -111,14 +119,15 @@ def validate_train_config(tc: TrainConfig) -> None:
         bad("eval_batch_size", "must be >= 0 (0: the training batch size, at most 64)")
     if tc.batch_size % tc.grad_accum:
         bad("batch_size", f"must be divisible by grad_accum={tc.grad_accum}")
-    if not tc.lr > 0 or tc.min_lr < 0 or tc.min_lr > tc.lr:
-        bad("lr", f"need lr > 0 and 0 <= min_lr <= lr (min_lr={tc.min_lr})")
+    if not 0 < tc.lr <= MAX_LR or tc.min_lr < 0 or tc.min_lr > tc.lr:
+        bad("lr", f"need 0 < lr <= {MAX_LR:g} and 0 <= min_lr <= lr (min_lr={tc.min_lr}); the paper uses 1e-4 to 1e-3")
     if tc.warmup_steps < 0:
         bad("warmup_steps", "must be >= 0")
     if tc.schedule not in ("linear", "cosine", "constant"):
         bad("schedule", "choose linear, cosine or constant")
-    if tc.weight_decay < 0:
-        bad("weight_decay", "must be >= 0")
+    if not 0 <= tc.weight_decay * tc.lr < 1:
+        bad("weight_decay", f"must be >= 0 with lr * weight_decay < 1 (AdamW multiplies each weight by "
+                            f"1 - lr * weight_decay; lr={tc.lr})")
     if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
         bad("beta1", f"beta1 and beta2 must be in [0, 1) (beta2={tc.beta2})")
     if tc.grad_clip < 0:
@@ -133,6 +142,47 @@ def validate_train_config(tc: TrainConfig) -> None:
     if bool(tc.short_seq_len) != bool(tc.short_seq_steps):
         bad("short_seq_len", f"give both --short-seq-len and --short-seq-steps, or neither "
                              f"(short_seq_steps={tc.short_seq_steps})")
+
+
+MAX_LR = 1.0  # AdamW moves each weight by about lr per step: beyond 1 nothing trains, and 1e38 overflows float32
+# A loss this many times the run's first loss (at initialisation about that of a uniform guess, ln V for a
+# language model) stops training: a model that much worse than guessing has diverged (e.g. --lr 1e3 reached
+# 153,296 and still exited 0). Legitimate spikes stay far below it.
+EXPLODE_FACTOR = 4.0
+
+
+def memory_estimate(cfg, tc: TrainConfig, world: int = 1) -> int:
+    """A rough lower bound, in bytes, of the memory a run needs, used before training to refuse a configuration
+    that cannot fit (e.g. --max-seq-len 50000), not to plan memory. The larger of
+      training:   per micro-batch row and layer, the activations kept for the backward pass (about 10 d + 2 d_ff
+                  values per position, and 3 H T^2 attention scores / probabilities / dropout masks unless the
+                  fused SDPA path is used), 2 bytes each under bf16 / fp16 autocast, else 4; plus the logits
+                  and 16 bytes per parameter (weight, gradient, AdamW's two moments);
+      evaluation: the attention probabilities (eval batch, H, T, T) of every layer, float32, which `evaluate`
+                  records for the outlier metrics.
+    """
+    T = (cfg.image_size // cfg.patch_size) ** 2 + 1 if cfg.arch == "vit" else cfg.max_seq_len
+    B = max(1, tc.batch_size // tc.grad_accum // world)
+    ebs = tc.eval_batch_size or min(tc.batch_size, 64)
+    nbytes = 2 if tc.dtype in ("bf16", "fp16") else 4
+    fused = cfg.fused_attn and cfg.attn_mode != "clipped" and not tc.compile
+    per_row_layer = T * (10 * cfg.d_model + 2 * cfg.d_ff) + (0 if fused else 3 * cfg.n_heads * T * T)
+    rows = getattr(cfg, "vocab_size", cfg.n_classes if cfg.arch == "vit" else 0)
+    params = cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.d_ff) + (rows + T) * cfg.d_model
+    logits = B * (T if cfg.arch != "vit" else 1) * rows * 4
+    train_bytes = B * cfg.n_layers * per_row_layer * nbytes + logits + 16 * params
+    eval_bytes = ebs * cfg.n_layers * cfg.n_heads * T * T * 4
+    return max(train_bytes, eval_bytes)
+
+
+def machine_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (physical RAM for the CPU), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -222,13 +272,23 @@ def _parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _finite_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 def _arg_type(t):
     if t is bool:
         return _parse_bool
-    if t in (int, float, str):
+    if t in (int, str):
         return t
-    if t == (float | None):
-        return float
+    if t is float or t == (float | None):
+        return _finite_float
     raise TypeError(f"no command-line type for {t}")
 
 
@@ -267,6 +327,11 @@ def resolve_configs(args):
     ck = None
     if args.resume:
         ck = load_checkpoint(args.resume)
+        missing = [k for k in ("optimizer", "rng", "step", "train_config") if k not in ck]
+        if missing:
+            origin = "an imported checkpoint" if "imported_from" in ck else "a checkpoint"
+            raise ValueError(f"--resume {args.resume}: {origin} without {', '.join(missing)} cannot be resumed: "
+                             f"evaluate it with eval_ptq.py, or start a new run with train.py")
         cfg = config_from_dict(ck["config"])
         if model_over:
             differ = {k: v for k, v in model_over.items() if getattr(cfg, k, None) != v}
@@ -298,6 +363,10 @@ def resolve_configs(args):
     if tc.short_seq_len and (cfg.max_seq_len % tc.short_seq_len or tc.short_seq_len >= cfg.max_seq_len):
         raise ValueError(f"--short-seq-len {tc.short_seq_len} must be smaller than max_seq_len={cfg.max_seq_len} and "
                          f"divide it (e.g. {cfg.max_seq_len // 4})")
+    if not 0 < cfg.ln_eps <= 1:
+        raise ValueError(f"ln_eps={cfg.ln_eps!r} is invalid: must be in (0, 1] (the paper: 1e-12 BERT / ViT, 1e-5 OPT)")
+    if not cfg.init_std <= 1:
+        raise ValueError(f"init_std={cfg.init_std!r} is invalid: must be in (0, 1] (the paper: 0.02)")
     return cfg, tc, ck
 
 
@@ -335,13 +404,36 @@ def main(argv=None):
                  f"{tc.grad_accum * world}")
     if tc.dtype == "fp16" and device.type != "cuda":
         sys.exit("error: --dtype fp16 needs CUDA (its gradient scaler); use bf16 or fp32 on the CPU")
+    need, have = memory_estimate(cfg, tc, world), machine_memory(device)
+    if have is not None and need > have:
+        T = cfg.max_seq_len if cfg.arch != "vit" else f"{(cfg.image_size // cfg.patch_size) ** 2 + 1} patches"
+        sys.exit(f"error: this run needs at least {need / 2**30:.1f} GiB for a training step or an evaluation "
+                 f"(sequence length {T}, batch {tc.batch_size // tc.grad_accum} per micro-batch, evaluation batch "
+                 f"{tc.eval_batch_size or min(tc.batch_size, 64)}, {cfg.n_layers} layers, {cfg.n_heads} heads), more "
+                 f"than the {have / 2**30:.1f} GiB of {device}: lower --max-seq-len, --batch-size or "
+                 f"--eval-batch-size, or raise --grad-accum")
     out = args.resume if (args.resume and os.path.isdir(args.resume)) else tc.out
     if args.resume and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
-    os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "ckpt.pt")
-    if not args.resume and os.path.exists(ckpt_path):
-        sys.exit(f"error: {ckpt_path} exists: pass --resume {out} to continue it, or choose another --out")
+    resume_file = (os.path.join(args.resume, "ckpt.pt") if os.path.isdir(args.resume) else args.resume) \
+        if args.resume else ""
+    # The last checkpoint known to be good: verified on load, or written (finite) by this process.
+    last_good = (resume_file, ck["step"]) if ck is not None else None
+    # Resuming from another file (e.g. ckpt.prev.pt, because ckpt.pt is damaged): the first write must not keep
+    # the unverified ckpt.pt as the "previous good" one.
+    rotate = not args.resume or os.path.abspath(resume_file) == os.path.abspath(ckpt_path)
+    existing = [p for p in (ckpt_path, os.path.join(out, "ckpt.prev.pt")) if os.path.exists(p)]
+    if not args.resume and existing:
+        again = out if existing[0] == ckpt_path else existing[0]  # only ckpt.prev.pt: resume that file
+        sys.exit(f"error: {existing[0]} exists: pass --resume {again} to continue it, or choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        if master:
+            remove_stale_tmp(out)  # left by a killed process
+            check_writable(out)
+    except OSError as e:
+        sys.exit(f"error: cannot write to the run folder {out}: {e.strerror or e}")
 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -352,10 +444,27 @@ def main(argv=None):
         task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
+    micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it
+    ebs = tc.eval_batch_size or min(tc.batch_size, 64)
+    try:  # every split large enough, before any training: a batch of each, as the loop and evaluate draw them
+        task.batch("train", 0, micro, tc.seed, rank, world)
+        next(iter(task.iter_valid(ebs, 1)))
+    except StopIteration:
+        sys.exit(f"error: the validation split of {tc.data} is empty: evaluation needs at least one example")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if master and task.tokenizer is not None and not vocab_path:  # a new run: overwrite a stale vocab.txt
         task.tokenizer.save(os.path.join(out, "vocab.txt"))
 
     model = build_model(cfg).to(device)
+    # Room for the checkpoints: the new file is written beside the newest and the previous one.
+    ckpt_bytes = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+    n_files = sum(os.path.exists(p) for p in (ckpt_path, os.path.join(out, "ckpt.prev.pt")))
+    free = shutil.disk_usage(out).free
+    if master and free < (3 - n_files) * ckpt_bytes:
+        sys.exit(f"error: {out} has {free / 2**20:.1f} MiB free, but the checkpoints of this run need about "
+                 f"{(3 - n_files) * ckpt_bytes / 2**20:.1f} MiB more (each about {ckpt_bytes / 2**20:.1f} MiB): "
+                 f"free some space or choose another --out")
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=tc.dtype == "fp16")
@@ -381,13 +490,32 @@ def main(argv=None):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def stop(msg, step=None, what=None):
+        """Stop with `msg`, naming the last good checkpoint truthfully (nothing bad is ever written)."""
+        if step is not None:
+            log({"event": "nonfinite", "step": step, "what": what})
+        kept = (f"the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else
+                "no checkpoint was written")
+        sys.exit(f"error: {msg}; {kept}.")
+
     def checkpoint(step):
+        nonlocal last_good, rotate
+        # Never write a non-finite checkpoint: the loss was checked every step; the weights are checked here.
+        bad = nonfinite_tensors(raw_model.state_dict())
+        if bad:
+            stop(f"the weights became non-finite (inf / NaN) at step {step} ({', '.join(bad[:3])}). Lower --lr or "
+                 f"--weight-decay, or use --dtype fp32", step, "weights")
         if master:
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "config": config_to_dict(cfg), "train_config": asdict(tc), "rng": rng_state(),
-                "vocab": task.tokenizer.vocab if task.tokenizer is not None else None,
-                "metrics": last_eval})
+            ck_new = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                      "step": step, "config": config_to_dict(cfg), "train_config": asdict(tc), "rng": rng_state(),
+                      "vocab": task.tokenizer.vocab if task.tokenizer is not None else None,
+                      "metrics": last_eval, "first_loss": first_loss}
+            try:
+                save_checkpoint(ckpt_path, ck_new) if rotate else save_checkpoint(ckpt_path, ck_new,
+                                                                                  keep_previous=False)
+            except (OSError, CheckpointError) as e:
+                stop(f"writing the checkpoint of step {step} failed: {e}")
+            last_good, rotate = (ckpt_path, step), True
         if ddp:
             dist.barrier()
 
@@ -400,8 +528,7 @@ def main(argv=None):
     if ck is not None:  # an interrupted process may have logged steps past the checkpoint: later records win
         log({"event": "resume", "step": start, "train_config": asdict(tc), "world_size": world})
     last_eval = ck.get("metrics") if ck else None
-    micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it
-    ebs = tc.eval_batch_size or min(tc.batch_size, 64)
+    first_loss = ck.get("first_loss") if ck else None  # the loss of the run's first step: the explosion reference
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not master or args.quiet,
                dynamic_ncols=True)
     t0, tokens_since = time.perf_counter(), 0
@@ -437,12 +564,14 @@ def main(argv=None):
         if not torch.isfinite(step_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(step_loss) else "gradient norm"
             value = (step_loss if what == "loss" else grad_norm).item()
-            kept = (f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path) else
-                    "no checkpoint was written")
-            msg = (f"error: the {what} became {value} at step {step + 1}; {kept}. Lower --lr, raise "
-                   f"--warmup-steps or use --dtype fp32.")
-            log({"event": "nonfinite", "step": step + 1, "what": what})
-            sys.exit(msg)
+            stop(f"the {what} became {value} at step {step + 1}. Lower --lr, raise --warmup-steps or use "
+                 f"--dtype fp32", step + 1, what)
+        if first_loss is None:
+            first_loss = step_loss.item()
+        elif step_loss.item() > EXPLODE_FACTOR * max(first_loss, 1e-3):
+            stop(f"the loss exploded to {step_loss.item():.4g} at step {step + 1}, more than {EXPLODE_FACTOR:g} "
+                 f"times the first step's {first_loss:.4g}. Lower --lr (now {tc.lr:g}) or raise --warmup-steps",
+                 step + 1, "loss")
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
