@@ -48,6 +48,11 @@ def _overall_dims(layers, kind, top=5) -> list[list]:
     return [[i, per_dim[i], per_dim[i] / total] for i in order if per_dim[i] > 0] if total else []
 
 
+def _no_op_mass(head: dict) -> float:
+    """The larger of a head's attention on the first token and on delimiters (mean over queries)."""
+    return max(head["mass_first_token"], head["mass_delimiters"] or 0.0)
+
+
 def _heads(an) -> list[dict]:
     out = []
     for layer in an["layers"]:
@@ -73,7 +78,7 @@ def build(result: dict) -> dict:
         inputs = "validation batches as evaluated" + (" (with the MLM [MASK] corruption)" if cfg["arch"] == "bert"
                                                       else "")
     heads = _heads(an)
-    no_op = [h for h in heads if max(h["mass_first_token"], h["mass_delimiters"] or 0.0) >= NO_OP_MASS]
+    no_op = [h for h in heads if _no_op_mass(h) >= NO_OP_MASS]
     quant = {}
     for bits, e in result["ptq"].items():
         quant[bits] = {"metric_mean": e.get("mean"), "metric_std": e.get("std"),
@@ -192,17 +197,19 @@ def to_markdown(a: dict, drew: bool) -> str:
         out.append("")
 
     n = a["no_op_heads"]
-    out += [f"## Heads that mostly attend to delimiters or the first token (>= {100 * n['threshold']:.0f}% of "
-            f"their attention)", "",
-            f"Zeros: exact zeros and values below {n['near_zero']:g} among the probabilities a query may attend to.",
-            "", "| layer | head | on first token | on delimiters | exact zeros | near zeros |" +
-            (" mean gate |" if a["gated"] else ""), "|---|---|---|---|---|---|" + ("---|" if a["gated"] else "")]
-    for h in n["heads"]:
+    ranked = sorted(a["heads"], key=lambda h: -_no_op_mass(h))[:TOP]
+    out += ["## Heads that attend to delimiters or the first token", "",
+            f"{len(n['heads'])} of {len(a['heads'])} heads put at least {100 * n['threshold']:.0f}% of their attention "
+            f"on delimiters or the first token (\"no-op\" heads, section 3; listed in audit.json `no_op_heads`). "
+            f"The {len(ranked)} heads with the most, with their share of exact zeros and of near zeros (below "
+            f"{n['near_zero']:g}) among the probabilities a query may attend to:", "",
+            "| layer | head | on first token | on delimiters | exact zeros | near zeros | no-op |" +
+            (" mean gate |" if a["gated"] else ""), "|---|---|---|---|---|---|---|" + ("---|" if a["gated"] else "")]
+    for h in ranked:
         out.append(f"| {h['layer']} | {h['head']} | {_fmt(h['mass_first_token'])} | {_fmt(h['mass_delimiters'])} "
-                   f"| {_fmt(h['zero_fraction'], 3)} | {_fmt(h['near_zero_fraction'], 3)} |"
+                   f"| {_fmt(h['zero_fraction'], 3)} | {_fmt(h['near_zero_fraction'], 3)} | "
+                   f"{'yes' if _no_op_mass(h) >= n['threshold'] else 'no'} |"
                    + (f" {_fmt(h['gate_mean'])} |" if a["gated"] else ""))
-    if not n["heads"]:
-        out.append("| - | none | | | | |" + (" |" if a["gated"] else ""))
     if a["gated"]:
         out += ["", f"## Gates (mean gate probability / share of gates below {a['gate_closed']:g}), per layer "
                     f"and head", ""]

@@ -293,8 +293,8 @@ def _main(args):
         entry = _mean_std([r["val_" + m] for r in runs]) if m else {}
         entry["sqnr_db"] = _mean_std([e["final"]["sqnr_db"] for e in errs])
         entry["rel_error"] = _mean_std([e["final"]["rel_error"] for e in errs])
-        entry["per_block"] = [{k: statistics.fmean(e["per_block"][i][k] for e in errs) for k in ("sqnr_db", "rel_error")}
-                              for i in range(cfg.n_layers)]
+        entry["per_block"] = [{k: statistics.fmean(e["per_block"][i][k] for e in errs)
+                               for k in ("sqnr_db", "rel_error")} for i in range(cfg.n_layers)]
         entry["act_ranges"] = runs[0]["act_ranges"]  # seed args.seeds[0]
         result["ptq"][key] = entry
         sq = (f"SQNR {entry['sqnr_db']['mean']:.1f} dB, rel. error {entry['rel_error']['mean']:.4f} "
@@ -309,7 +309,7 @@ def _main(args):
     if args.analysis:
         result["analysis"] = analyse(model, task, eval_bs, eval_batches, device)
         print_analysis(result["analysis"])
-        if cfg.arch == "bert" and cfg.head:  # causal LMs cannot be checked this way: shuffling changes what is predictable
+        if cfg.arch == "bert" and cfg.head:  # causal LMs cannot be checked so: shuffling changes what is predictable
             sh = evaluate(model, task, eval_bs, eval_batches, device, outliers=False,
                           forward=shuffled_order_forward())
             result["analysis"]["shuffled_order_ppl"] = sh["val_ppl"]

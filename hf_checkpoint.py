@@ -10,6 +10,8 @@ that eval_ptq.py evaluates like one train.py wrote, and exports a project model 
     python eval_ptq.py runs/hf-bert-base --analysis             # FP ppl, max inf-norm, kurtosis, W8A8 (3 seeds)
     python hf_checkpoint.py import /models/opt-125m runs/hf-opt-125m --max-seq-len 512 --data /data/wiki.txt
     python hf_checkpoint.py export runs/bert-small hf/bert-small  # config.json, model.safetensors, vocab files
+    python hf_checkpoint.py import /models/bert-base-encoder runs/hf-bert-body --data /data/my-text/  # a BertModel
+    python eval_ptq.py runs/hf-bert-body --analysis             # no head: SQNR, outliers, the audit report
 
 Nothing is downloaded and nothing beyond torch (and numpy) is needed: no `transformers`, no `safetensors` package.
 
