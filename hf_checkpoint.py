@@ -91,14 +91,13 @@ import os
 import re
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import tokenizer as T
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from dataclasses import replace
-
 from data import absolute_source
 from model import (BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, is_head_param,
                    model_from_checkpoint)
