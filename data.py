@@ -86,7 +86,7 @@ from tokenizer import ByteLevelBPETokenizer, DataError, WordPieceTokenizer, _lis
 
 __all__ = [
     "DataError", "make_generator", "batch_indices", "shard",
-    "find_wikitext", "TokenDataset", "mlm_mask", "TextData", "load_text_data",
+    "find_wikitext", "TokenDataset", "mlm_mask", "unmask", "TextData", "load_text_data", "absolute_source",
     "read_cifar10", "builtin_images", "random_crop_flip_params", "crop_flip", "random_crop_flip", "resize",
     "normalize", "ImageData", "load_image_data", "Task", "eval_sizes",
 ]
@@ -400,6 +400,14 @@ def mlm_mask(input_ids: torch.Tensor, tokenizer, generator: torch.Generator,
     return masked, labels
 
 
+def unmask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An MLM batch with its original tokens back in place of the corruption ([MASK], random or kept tokens): the
+    labels hold the original token wherever one was selected (the labels themselves are kept)."""
+    b = dict(batch)
+    b["input_ids"] = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])
+    return b
+
+
 OBJECTIVES = ("mlm", "clm")
 
 
@@ -526,6 +534,22 @@ def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, l
         _check_text_file(p)
     splits = {s: [_TextFile(p, wikitext_tokens=(variant == "tokens"))] for s, p in found.items()}
     return f"wikitext-{path.name}", splits
+
+
+PATH_PREFIXES = ("wikitext-103", "wikitext-2", "wikitext", "text", "cifar10", "cifar-10")
+
+
+def absolute_source(source: str) -> str:
+    """A data source with its file or folder made absolute, so that a run folder that stores it finds the data
+    from any working directory: "corpus.txt" -> "/home/me/corpus.txt", "wikitext-103:data/wt" ->
+    "wikitext-103:/home/me/data/wt", "cifar10:DIR" likewise. "builtin", "synthetic" and an empty path stay as they
+    are; nothing is checked for existence here (loading does that)."""
+    if source in ("", "builtin", "synthetic"):
+        return source
+    prefix, sep, rest = source.partition(":")
+    if sep and prefix in PATH_PREFIXES:
+        return f"{prefix}:{os.path.abspath(os.path.expanduser(rest))}" if rest else source
+    return os.path.abspath(os.path.expanduser(source))
 
 
 def load_text_data(source: str = "builtin",
@@ -872,8 +896,13 @@ class ImageData:
 
 
 def load_image_data(source: str = "builtin", image_size: int = 32, n_train: int = 20000, n_valid: int = 2000,
-                    seed: int = 0, pad: int = 4, padding_mode: str = "reflect") -> ImageData:
+                    seed: int = 0, pad: int = 4, padding_mode: str = "reflect",
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ImageData:
     """source: "builtin" (generated shapes at 32x32, n_train / n_valid / seed apply) or "cifar10:DIR".
+
+    mean, std: the per-channel normalisation (x - mean) / std of images in [0, 1]; default: the train split's own
+    statistics. A pre-trained model wants the statistics it was trained with (a Hugging Face ViT: its
+    preprocessor_config.json, usually 0.5 / 0.5).
 
     Images are stored at their native 32x32 and resized per batch to `image_size` (32 with patch 4 is the small
     ViT preset; the paper used 224 with patch 16).
@@ -891,7 +920,14 @@ def load_image_data(source: str = "builtin", image_size: int = 32, n_train: int 
                             f"(generated shapes) or 'cifar10:DIR' (the cifar-10-batches-py folder)")
         x_tr, y_tr, x_va, y_va = read_cifar10(path)
         names = CIFAR10_CLASSES
-    mean, std = _channel_stats(x_tr)
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std (or neither)")
+    if mean is None:
+        mean, std = _channel_stats(x_tr)
+    elif not (len(mean) == len(std) == x_tr.shape[1] and all(s > 0 for s in std)):
+        raise ValueError(f"mean {list(mean)} and std {list(std)} must have one entry per channel ({x_tr.shape[1]}), "
+                         f"std > 0")
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     return ImageData(images={"train": x_tr, "valid": x_va}, labels={"train": y_tr, "valid": y_va},
                      image_size=image_size, mean=mean, std=std, class_names=names, source=source, pad=pad,
                      padding_mode=padding_mode)
@@ -911,12 +947,14 @@ class Task:
 
     def __init__(self, arch: str, source: str = "builtin", vocab: str = "", vocab_size: int = 8192,
                  seq_len: int = 128, image_size: int = 32, n_classes: int | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, image_mean=None, image_std=None):
         if arch not in TASKS:
             raise ValueError(f"arch={arch!r}: expected one of {sorted(TASKS)}")
         self.arch = arch
         if arch == "vit":
-            self.data = load_image_data("builtin" if source in ("builtin", "") else source, image_size=image_size)
+            self.data = load_image_data("builtin" if source in ("builtin", "") else source, image_size=image_size,
+                                        mean=None if image_mean is None else tuple(image_mean),
+                                        std=None if image_std is None else tuple(image_std))
             self.tokenizer = None
             if n_classes is not None and self.data.num_classes != n_classes:
                 raise ValueError(f"the data has {self.data.num_classes} classes but the model has n_classes="
@@ -930,24 +968,30 @@ class Task:
                                  f"is {vocab_size}: pass --vocab-size {self.tokenizer.vocab_size} or more")
 
     @classmethod
-    def for_config(cls, cfg, source: str = "builtin", vocab: str = "", cache_dir: str | None = None) -> "Task":
-        """The task a model config trains on (any object with arch and the fields of its architecture)."""
+    def for_config(cls, cfg, source: str = "builtin", vocab: str = "", cache_dir: str | None = None,
+                   image_mean=None, image_std=None) -> "Task":
+        """The task a model config trains on (any object with arch and the fields of its architecture). A model
+        without a head (cfg.head False) needs no labels, so a ViT's n_classes is not checked against the data."""
         if cfg.arch == "vit":
-            return cls("vit", source, image_size=cfg.image_size, n_classes=cfg.n_classes)
+            n_classes = cfg.n_classes if getattr(cfg, "head", True) else None
+            return cls("vit", source, image_size=cfg.image_size, n_classes=n_classes, image_mean=image_mean,
+                       image_std=image_std)
         return cls(cfg.arch, source, vocab=vocab, vocab_size=cfg.vocab_size, seq_len=cfg.max_seq_len,
                    cache_dir=cache_dir)
 
     @classmethod
     def for_run(cls, cfg, run_dir: str, train_config: dict, source: str = "") -> "Task":
         """The validation data of a run folder: `source`, or the data the run was trained on, tokenised with the
-        vocab.txt saved in the run folder (a clear error if it is missing)."""
+        vocab.txt saved in the run folder (a clear error if it is missing); images normalised with the run's
+        image_mean / image_std if it stores them (an imported ViT), else with the data's statistics."""
         source = source or train_config.get("data", "builtin")
         vocab = ""
         if cfg.arch != "vit":
             vocab = os.path.join(run_dir, "vocab.txt")
             if not os.path.isfile(vocab):
                 raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
-        return cls.for_config(cfg, source, vocab)
+        return cls.for_config(cfg, source, vocab, image_mean=train_config.get("image_mean"),
+                              image_std=train_config.get("image_std"))
 
     def batch(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
         """The batch of `step` (a pure function of seed and step); rank r of world_size takes its shard."""

@@ -3,6 +3,7 @@
     python eval_ptq.py runs/bert-gated                       # FP ppl, max inf-norm, kurtosis, W8A8 (3 seeds)
     python eval_ptq.py runs/bert-gated --bits W8A8 W8A6 W6A8 --analysis
     python eval_ptq.py runs/opt-gated --weight-estimator mse --act-estimator percentile --act-percentile 99.999
+    python eval_ptq.py runs/hf-bert-base --analysis --data /data/my-text/   # the audit report (audit.md, audit.json)
 
 PTQ follows section 5 and appendix C.4: symmetric weights, asymmetric activations with static ranges, every
 weight and every activation quantized except the final linear layer; activation ranges from a running min-max
@@ -16,6 +17,14 @@ code: `max_inf_norm` is the largest, over every recorded tensor (each block's at
 both residual sums and both LayerNorm outputs), of the per-sample infinity norm averaged over the validation set;
 `avg_kurtosis` is the per-sample kurtosis averaged over the set and then over all those tensors. The per-kind
 values (e.g. `max_inf_norm/ffn_out`) are in the JSON.
+
+A quality measure that needs no head: every PTQ run also reports the SQNR (dB) and the relative error of the
+quantized model's final hidden states, and of each block's output, against the FP model's on the same validation
+inputs (metrics.sqnr_db). A model without a head (an imported BertModel / ViTModel, model.py's head=False) has
+only these: it is fed the validation inputs without labels (BERT: the original tokens, not the MLM corruption).
+
+--analysis adds section 3's analysis and writes the audit report, audit.md + audit.json (audit_report.py; its
+contents are described in docs/audit.md); with --analysis the default bit widths are W8A8 and W8A6.
 """
 
 import argparse
@@ -30,9 +39,10 @@ from tqdm import tqdm
 
 import quant as Q
 from checkpoint import atomic_write, check_writable, load_checkpoint, pick_device
-from data import Task, eval_sizes
+import audit_report
+from data import Task, eval_sizes, unmask
 from int8 import to_int8
-from metrics import OutlierStats, evaluate, to_device
+from metrics import OutlierStats, QuantNoise, evaluate, to_device
 from model import model_from_checkpoint
 
 def parse_bits(s: str):
@@ -60,6 +70,62 @@ def calibration_steps(seed: int, n: int, pool: int = 1_000_000):
     return torch.randint(0, pool, (n,), generator=g).tolist()
 
 
+class FeatureTask:
+    """The batches of a task as a model without a head takes them: the inputs alone, no labels, and for BERT the
+    original tokens in place of the MLM corruption (data.unmask), since an encoder is run on plain text."""
+
+    def __init__(self, task: Task):
+        self.task, self.arch, self.tokenizer = task, task.arch, task.tokenizer
+
+    def _inputs(self, b):
+        b = unmask(b) if self.arch == "bert" else b
+        return {k: v for k, v in b.items() if k != "labels"}
+
+    def batch(self, *args, **kwargs):
+        return self._inputs(self.task.batch(*args, **kwargs))
+
+    def iter_valid(self, batch_size, max_batches):
+        return (self._inputs(b) for b in self.task.iter_valid(batch_size, max_batches))
+
+
+def features(model, batch, record=None):
+    """(B, T, d) final hidden states of `model` (FP or quantized) for a batch (its labels, if any, unused)."""
+    return model.forward_features(**{k: v for k, v in batch.items() if k != "labels"}, record=record)
+
+
+@torch.no_grad()
+def quant_error(model, qmodel, task, batch_size, max_batches, device) -> dict:
+    """How far the quantized model's hidden states are from the FP model's, on the same validation inputs:
+    SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB and relative error ||x - x_hat|| / ||x|| (metrics.QuantNoise),
+    over the whole set, for the final hidden states ("final") and each block's output ("per_block": the
+    LayerNorm output of a post-LN block, the residual sum of a pre-LN one). Needs no head."""
+    model.eval()
+    qmodel.eval()
+    noise = QuantNoise()
+    L = len(model.blocks)
+    outs = [f"blocks.{i}." + ("ffn_residual_sum" if model.blocks[i].pre_ln else "ffn_ln_out") for i in range(L)]
+    for b in task.iter_valid(batch_size, max_batches):
+        b = to_device(b, device)
+        rec, qrec = {}, {}
+        h, qh = features(model, b, rec), features(qmodel, b, qrec)  # (B, T, d) each
+        noise.update({"final": h, **{n: rec[n] for n in outs}}, {"final": qh, **{n: qrec[n] for n in outs}},
+                     b.get("attention_mask"))
+    s = noise.summary()
+    keep = ("sqnr_db", "rel_error")
+    return {"final": {k: s["final"][k] for k in keep}, "per_block": [{k: s[n][k] for k in keep} for n in outs]}
+
+
+def act_ranges(qmodel) -> list[dict]:
+    """Every calibrated activation quantizer's range [lo, hi] = s * ([qmin, qmax] - z), widest first: the
+    tensors whose 8-bit grid is coarsest, candidates to keep in higher precision."""
+    out = []
+    for name, q in qmodel.named_modules():
+        if isinstance(q, Q.ActQuantizer) and q.scale is not None:
+            s, z = float(q.scale.reshape(())), float(q.zero_point.reshape(()))
+            out.append({"name": name, "lo": s * (q.qmin - z), "hi": s * (q.qmax - z), "scale": s})
+    return sorted(out, key=lambda r: r["lo"] - r["hi"])
+
+
 def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, device, progress=True,
                     smoothquant: float | None = None, per_token: bool = False):
     """A quantized copy of `model`, calibrated on `calib_batches` random training batches of PTQ seed `seed`.
@@ -84,16 +150,23 @@ def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_si
 
 def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
             progress=True, int8: bool = False, **method):
-    """One PTQ run: quantize a copy, calibrate, evaluate. With int8, also evaluate the same calibrated model with
-    its linear layers executed in integers (int8.py): r["int8"] holds that evaluation and r["int8_report"] which
-    layers ran in int8. `method`: calibrated_copy's smoothquant / per_token."""
+    """One PTQ run: quantize a copy, calibrate, evaluate (the metric, if the model has a head) and measure the
+    quantization error of the hidden states (quant_error) and the activation ranges (act_ranges). With int8, also
+    evaluate the same calibrated model with its linear layers executed in integers (int8.py): r["int8"] holds
+    that evaluation and r["int8_report"] which layers ran in int8. `method`: calibrated_copy's smoothquant /
+    per_token."""
     qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress, **method)
-    r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+    r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
+        if model.cfg.head else {}
+    r["quant_error"] = quant_error(model, qmodel, task, eval_bs, eval_batches, device)
+    r["act_ranges"] = act_ranges(qmodel)
     if int8:
         example = to_device(task.batch("train", calibration_steps(seed, 1)[0], calib_batch_size, seed=seed,
                                        augment=False), device)
         imodel, report = to_int8(qmodel, example, lambda m, b: m(**b))
-        r["int8"] = evaluate(imodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress)
+        r["int8"] = evaluate(imodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
+            if model.cfg.head else {}
+        r["int8"]["quant_error"] = quant_error(model, imodel, task, eval_bs, eval_batches, device)
         r["int8_report"] = report
     return r
 
@@ -102,10 +175,6 @@ def ptq_method(args) -> dict:
     """How a PTQ run quantizes: the paper's per-tensor setting, or a post-hoc baseline."""
     return {"weights": "per-channel" if args.weight_per_channel else "per-tensor",
             "activations": "per-token inputs" if args.per_token else "per-tensor", "smoothquant": args.smoothquant}
-
-
-def _mean_std(vals: list) -> dict:
-    return {"values": vals, "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
 def shuffled_order_forward(seed: int = 0):
@@ -148,8 +217,11 @@ def sensitivity(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, 
     return out
 
 
-def metric_name(arch):
-    return "acc" if arch == "vit" else "ppl"
+def metric_name(cfg):
+    """"acc" (ViT), "ppl" (BERT, OPT), or None for a model without a head (SQNR only)."""
+    if not cfg.head:
+        return None
+    return "acc" if cfg.arch == "vit" else "ppl"
 
 
 def main(argv=None):
@@ -157,8 +229,8 @@ def main(argv=None):
     ap.add_argument("checkpoint", help="run folder (holding ckpt.pt) or checkpoint file written by train.py")
     ap.add_argument("--data", default="", help="data to evaluate on (default: the data the checkpoint was "
                                                "trained on)")
-    ap.add_argument("--bits", nargs="+", type=parse_bits, default=[(8, 8)],
-                    help="bit widths to run, e.g. W8A8 W8A6 W6A8 W4A8 (default W8A8)")
+    ap.add_argument("--bits", nargs="+", type=parse_bits, default=None,
+                    help="bit widths to run, e.g. W8A8 W8A6 W6A8 W4A8 (default W8A8; with --analysis W8A8 W8A6)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="PTQ seeds (calibration batches)")
     ap.add_argument("--calib-batches", type=int, default=16, help="calibration batches per seed")
     ap.add_argument("--calib-batch-size", type=int, default=0, help="calibration batch size (0: eval batch size)")
@@ -180,7 +252,9 @@ def main(argv=None):
     ap.add_argument("--int8", action="store_true",
                     help="also run each calibrated model with integer linear layers (int8 x int8 -> int32, "
                          "int8.py) and print both")
-    ap.add_argument("--analysis", action="store_true", help="also the outlier and attention analysis (section 3)")
+    ap.add_argument("--analysis", action="store_true",
+                    help="also the outlier and attention analysis (section 3) and the audit report audit.md + "
+                         "audit.json in the output folder")
     ap.add_argument("--sensitivity", action="store_true",
                     help="also measure, at the last --bits, the cost of each kind of activation quantizer alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -196,6 +270,37 @@ def main(argv=None):
         sys.exit(f"error: {e.strerror if e.filename else e}{f': {e.filename}' if e.filename else ''}")
 
 
+def _qcfg(args, model, wb, ab):
+    return Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,
+                         weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
+                         act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
+                         weight_names=("weight", "fc1_weight"))  # fc1_weight: the MLP gate's first layer
+
+
+def _mean_std(vals):
+    return {"values": vals, "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+
+
+def _ptq_entry(runs: list, m: str, n_layers: int) -> dict:
+    """The mean +- std over PTQ seeds of the metric (if any), the SQNR and relative error of the final hidden
+    states, and the per-block SQNR and relative error."""
+    errs = [r["quant_error"] for r in runs]
+    entry = _mean_std([r["val_" + m] for r in runs]) if m else {}
+    entry["sqnr_db"] = _mean_std([e["final"]["sqnr_db"] for e in errs])
+    entry["rel_error"] = _mean_std([e["final"]["rel_error"] for e in errs])
+    entry["per_block"] = [{k: statistics.fmean(e["per_block"][i][k] for e in errs) for k in ("sqnr_db", "rel_error")}
+                          for i in range(n_layers)]
+    return entry
+
+
+def _ptq_line(entry: dict, m: str, seeds) -> str:
+    sq = f"SQNR {entry['sqnr_db']['mean']:.1f} dB, rel. error {entry['rel_error']['mean']:.4f} (final hidden states)"
+    if not m:
+        return f"{sq}, seeds {seeds}"
+    return f"{m} {entry['mean']:.3f} +- {entry['std']:.3f}  (seeds {seeds}: " \
+           f"{', '.join(f'{v:.3f}' for v in entry['values'])});  {sq}"
+
+
 def _main(args):
     if args.calib_batches <= 0:
         raise ValueError(f"--calib-batches {args.calib_batches}: must be a positive integer")
@@ -208,6 +313,7 @@ def _main(args):
         device = pick_device(args.device)
     except RuntimeError as e:  # torch.device() of an unknown name
         raise ValueError(f"--device {args.device}: {e}") from e
+    bits = args.bits or ([(8, 8), (8, 6)] if args.analysis else [(8, 8)])
     ck = load_checkpoint(args.checkpoint)  # weights_only, checksum verified, finite weights
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
     out = args.out or run_dir
@@ -216,53 +322,54 @@ def _main(args):
     except OSError as e:
         raise OSError(e.errno, f"cannot write the results to {out} ({e.strerror or e})") from None
     model, cfg = model_from_checkpoint(ck)
+    if args.sensitivity and not cfg.head:
+        raise ValueError("--sensitivity measures the metric (perplexity / accuracy), and this model has no head: "
+                         "the audit (--analysis) reports the SQNR per block instead")
     task = Task.for_run(cfg, run_dir, ck["train_config"], args.data)
+    if not cfg.head:
+        task = FeatureTask(task)
     model.to(device).eval()
     run_bs, run_batches = eval_sizes(ck["train_config"])
     eval_bs = args.eval_batch_size or run_bs
     eval_batches = args.eval_batches or run_batches
     calib_bs = args.calib_batch_size or eval_bs
     progress = not args.quiet
-    m = metric_name(cfg.arch)
+    m = metric_name(cfg)
 
     t0 = time.perf_counter()
     fp = evaluate(model, task, eval_bs, eval_batches, device, outliers=True, progress=progress)
     t_fp = time.perf_counter() - t0
     fp.update(headline(fp))
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": ck.get("step"), "arch": cfg.arch,
-              "attn_mode": cfg.attn_mode, "config": ck["config"], "fp": fp, "ptq": {}, "eval_batches": eval_batches,
-              "eval_batch_size": eval_bs, "calib_batches": args.calib_batches, "seeds": args.seeds,
-              "ptq_method": ptq_method(args)}
-    print(f"FP32: {m} {fp['val_' + m]:.3f}   max inf-norm {fp['max_inf_norm']:.1f}   "
-          f"avg kurtosis {fp['avg_kurtosis']:.1f}")
+              "attn_mode": cfg.attn_mode, "head": cfg.head, "config": ck["config"],
+              "data": args.data or ck["train_config"].get("data", "builtin"), "fp": fp, "ptq": {},
+              "eval_batches": eval_batches, "eval_batch_size": eval_bs, "calib_batches": args.calib_batches,
+              "seeds": args.seeds, "ptq_method": ptq_method(args)}
+    quality = f"{m} {fp['val_' + m]:.3f}" if m else "no head (SQNR only)"
+    print(f"FP32: {quality}   max inf-norm {fp['max_inf_norm']:.1f}   avg kurtosis {fp['avg_kurtosis']:.1f}")
     t_q = []
-    for wb, ab in args.bits:
-        qcfg = Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,
-                             weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
-                             act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
-                             weight_names=("weight", "fc1_weight"))  # fc1_weight: the MLP gate's first layer
-        vals, int_vals, report = [], [], None
+    for wb, ab in bits:
+        qcfg = _qcfg(args, model, wb, ab)
         int8 = args.int8 and wb <= 8 and ab <= 8  # integer execution needs 8-bit (or narrower) grids
+        runs = []
         for seed in args.seeds:
             t0 = time.perf_counter()
-            r = run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches, device,
-                        progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token)
+            runs.append(run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches,
+                                device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token))
             t_q.append(time.perf_counter() - t0)
-            vals.append(r["val_" + m])
-            if int8:
-                int_vals.append(r["int8"]["val_" + m])
-                report = r["int8_report"]
         key = f"W{wb}A{ab}"
-        result["ptq"][key] = _mean_std(vals)
-        print(f"{key}: {m} {result['ptq'][key]['mean']:.3f} +- {result['ptq'][key]['std']:.3f}  "
-              f"(seeds {args.seeds}: {', '.join(f'{v:.3f}' for v in vals)})")
+        entry = _ptq_entry(runs, m, cfg.n_layers)
+        entry["act_ranges"] = runs[0]["act_ranges"]  # seed args.seeds[0]
+        result["ptq"][key] = entry
+        print(f"{key}: {_ptq_line(entry, m, args.seeds)}")
         if int8:
-            result["ptq"][key]["int8"] = {**_mean_std(int_vals), "int8_layers": len(report["int8"]),
-                                          "simulated_layers": report["simulated"]}
-            rel = max(abs(a / b - 1) for a, b in zip(int_vals, vals)) * 100
+            report = runs[0]["int8_report"]
+            entry["int8"] = {**_ptq_entry([r["int8"] for r in runs], m, cfg.n_layers),
+                             "int8_layers": len(report["int8"]), "simulated_layers": report["simulated"]}
+            rel = max(abs(r["int8"]["val_" + m] / r["val_" + m] - 1) for r in runs) * 100 if m else float("nan")
             print(f"{key} executed in INT8 ({len(report['int8'])} int8 linear layers, "
-                  f"{len(report['simulated'])} simulated): {m} {result['ptq'][key]['int8']['mean']:.3f}  "
-                  f"(largest relative difference to the simulation: {rel:.4f}%)")
+                  f"{len(report['simulated'])} simulated): {_ptq_line(entry['int8'], m, args.seeds)}; largest "
+                  f"relative difference to the simulation {rel:.4f}%")
         elif args.int8:
             print(f"{key}: --int8 needs weights and activations of at most 8 bits; simulated only")
     result["time_fp_eval_s"] = t_fp
@@ -270,20 +377,16 @@ def _main(args):
     if args.analysis:
         result["analysis"] = analyse(model, task, eval_bs, eval_batches, device)
         print_analysis(result["analysis"])
-        if cfg.arch == "bert":  # causal LMs cannot be checked this way: shuffling changes what is predictable
+        if cfg.arch == "bert" and cfg.head:  # causal LMs cannot be checked so: shuffling changes what is predictable
             sh = evaluate(model, task, eval_bs, eval_batches, device, outliers=False,
                           forward=shuffled_order_forward())
             result["analysis"]["shuffled_order_ppl"] = sh["val_ppl"]
             print(f"MLM perplexity with each sequence's token order shuffled: {sh['val_ppl']:.3f} "
                   f"(in order: {fp['val_ppl']:.3f}; equal values mean word order is not used)")
     if args.sensitivity:
-        wb, ab = args.bits[-1]
-        qcfg = Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,
-                             weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
-                             act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
-                             weight_names=("weight", "fc1_weight"))
-        sens = sensitivity(model, task, qcfg, args.seeds[0], args.calib_batches, calib_bs, eval_bs, eval_batches,
-                           device, m, progress)
+        wb, ab = bits[-1]
+        sens = sensitivity(model, task, _qcfg(args, model, wb, ab), args.seeds[0], args.calib_batches, calib_bs,
+                           eval_bs, eval_batches, device, m, progress)
         result["sensitivity"] = {"bits": f"W{wb}A{ab}", "seed": args.seeds[0], "metric": sens}
         print(f"\nSensitivity at W{wb}A{ab} (weights quantized, one kind of activation quantized; FP {m} "
               f"{fp['val_' + m]:.3f}):")
@@ -293,7 +396,11 @@ def _main(args):
     label = args.label or describe(cfg)
     result["label"] = label
     atomic_write(os.path.join(out, "ptq.json"), json.dumps(result, indent=1))
-    atomic_write(os.path.join(out, "ptq.md"), markdown_header(cfg.arch, _columns(result)) + markdown_row(result) + "\n")
+    atomic_write(os.path.join(out, "ptq.md"), markdown_header(cfg, _columns(result)) + markdown_row(result, cfg)
+                 + "\n")
+    if args.analysis:
+        files = audit_report.write(result, out)
+        print(f"\naudit report: {', '.join(os.path.join(out, f) for f in files)}")
     return result
 
 
@@ -308,9 +415,13 @@ def describe(cfg) -> str:
     return {"softmax": "vanilla softmax", "softmax1": "softmax1 (off-by-one)"}[cfg.attn_mode]
 
 
-def markdown_header(arch, bit_keys):
-    m = "acc. (%)" if arch == "vit" else "ppl."
-    cols = ["Method", f"FP {m}", "Max inf. norm", "Avg. kurtosis"] + [f"{k} {m}" for k in bit_keys]
+def markdown_header(cfg, bit_keys):
+    """The paper's Table 2 columns; a model without a head has the SQNR of its final hidden states instead."""
+    if not cfg.head:
+        cols = ["Method", "Max inf. norm", "Avg. kurtosis"] + [f"{k} SQNR (dB)" for k in bit_keys]
+    else:
+        m = "acc. (%)" if cfg.arch == "vit" else "ppl."
+        cols = ["Method", f"FP {m}", "Max inf. norm", "Avg. kurtosis"] + [f"{k} {m}" for k in bit_keys]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
 
 
@@ -319,26 +430,31 @@ def _columns(r) -> list:
     return [c for k, v in r["ptq"].items() for c in ([k, f"{k} INT8"] if "int8" in v else [k])]
 
 
-def markdown_row(r) -> str:
-    m = metric_name(r["arch"])
-    cells = [r["label"], f"{r['fp']['val_' + m]:.2f}", f"{r['fp']['max_inf_norm']:.1f}",
-             f"{r['fp']['avg_kurtosis']:.1f}"]
+def markdown_row(r, cfg) -> str:
+    m = metric_name(cfg)
+    cells = [r["label"]] + ([f"{r['fp']['val_' + m]:.2f}"] if m else [])
+    cells += [f"{r['fp']['max_inf_norm']:.1f}", f"{r['fp']['avg_kurtosis']:.1f}"]
     for v in r["ptq"].values():
-        cells += [f"{w['mean']:.2f} ± {w['std']:.2f}" for w in ([v, v["int8"]] if "int8" in v else [v])]
+        for w in ([v, v["int8"]] if "int8" in v else [v]):
+            w = w if m else w["sqnr_db"]
+            cells.append(f"{w['mean']:.2f} ± {w['std']:.2f}")
     return "| " + " | ".join(cells) + " |"
 
 
 # ------------------------------------------------------------------------------------------------- analysis
 @torch.no_grad()
-def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5) -> dict:
+def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5, near_zero=1e-3,
+            gate_closed=0.1) -> dict:
     """Section 3's analysis on the validation set.
 
-    Per layer, for the FFN output and the residual sum after the FFN: outlier (> n_std sigma from the tensor's
-    mean) counts per hidden dimension and per token position, the top outlier dimensions, the share of outliers
-    on delimiter / special tokens (language models) or the per-patch outlier map (ViT). Per layer and head: the
-    attention mass on the first token and on delimiter tokens, the fraction of exact zeros among the attention
-    probabilities a query may attend to (clipped softmax; padding and future keys are not counted), and the mean
-    gate probability (gated attention).
+    Per layer, for every recorded tensor kind (attn_out, attn_residual_sum, attn_ln_out, ffn_out,
+    ffn_residual_sum, ffn_ln_out): the per-sample inf-norm and kurtosis averaged over the set and the outlier
+    count. For the FFN output and the residual sum after the FFN also: outlier (> n_std sigma from the tensor's
+    mean) counts per hidden dimension and per token position, the top outlier dimensions, the tokens carrying the
+    most outliers and the share on delimiter / special tokens (language models). Per layer and head: the
+    attention mass on the first token and on delimiter tokens, the fraction of exact zeros and of near zeros
+    (p < near_zero) among the attention probabilities a query may attend to (padding and future keys are not
+    counted), and for gated attention the mean gate probability and the share of gates below gate_closed.
     """
     model.eval()
     tok = task.tokenizer
@@ -346,7 +462,8 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
     delim_ids = set(tok.delimiter_ids) | {tok.cls_id} if tok is not None else set()
     delim_ids_t = torch.tensor(sorted(delim_ids), dtype=torch.long, device=device)
     L = model.cfg.n_layers
-    kinds = ("ffn_out", "ffn_residual_sum")
+    kinds = ("ffn_out", "ffn_residual_sum")  # where section 3 finds the outliers: per dimension and token
+    all_kinds = ("attn_out", "attn_residual_sum", "attn_ln_out", "ffn_out", "ffn_residual_sum", "ffn_ln_out")
     stats = OutlierStats(n_std)  # section 3's outlier counting, per dimension, position and token id
     n_ids = model.cfg.vocab_size if tok is not None else None
     acc = {}
@@ -357,12 +474,12 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
         valid = b.get("attention_mask")
         ids = b.get("input_ids")
         is_delim = torch.isin(ids, delim_ids_t) if ids is not None and len(delim_ids) else None
-        stats.update({f"blocks.{i}.{k}": rec[f"blocks.{i}.{k}"] for i in range(L) for k in kinds}, valid,
+        stats.update({f"blocks.{i}.{k}": rec[f"blocks.{i}.{k}"] for i in range(L) for k in all_kinds}, valid,
                      ids if n_ids else None, n_ids)
         for i in range(L):
             p = rec[f"blocks.{i}.attn_probs"]  # (B, H, T, T)
-            h = acc.setdefault(f"blocks.{i}.attn", {"first": 0, "delim": 0, "zeros": 0, "rows": 0, "entries": 0,
-                                                     "gate": 0, "gate_n": 0})
+            h = acc.setdefault(f"blocks.{i}.attn", {"first": 0, "delim": 0, "zeros": 0, "near": 0, "rows": 0,
+                                                     "entries": 0, "gate": 0, "gate_closed": 0, "gate_n": 0})
             rows = valid[:, None, :, None].expand_as(p) if valid is not None else torch.ones_like(p, dtype=torch.bool)
             h["first"] = h["first"] + (p[..., 0] * rows[..., 0]).sum((0, 2)).cpu()
             if is_delim is not None:
@@ -373,23 +490,32 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
             if model.blocks[i].attn.causal:
                 allowed = allowed & torch.ones(p.shape[-2:], dtype=torch.bool, device=p.device).tril()
             h["zeros"] = h["zeros"] + ((p == 0) & allowed).sum((0, 2, 3)).cpu()
+            h["near"] = h["near"] + ((p < near_zero) & allowed).sum((0, 2, 3)).cpu()
             h["entries"] += int(allowed[:, 0].sum())
             h["rows"] += int(rows[:, 0, :, 0].sum())
             if f"blocks.{i}.gate_probs" in rec:
                 g = rec[f"blocks.{i}.gate_probs"]  # (B, H, T)
                 gm = valid[:, None, :] if valid is not None else torch.ones_like(g, dtype=torch.bool)
                 h["gate"] = h["gate"] + (g * gm).sum((0, 2)).cpu()
+                h["gate_closed"] = h["gate_closed"] + ((g < gate_closed) & gm).sum((0, 2)).cpu()
                 h["gate_n"] += int(gm[:, 0].sum())
     per_name = stats.summary(top_k=top)["per_name"]
     mask_id = getattr(tok, "mask_id", None) if model.cfg.arch == "bert" else None
-    out = {"n_std": n_std, "layers": []}
+    out = {"n_std": n_std, "near_zero": near_zero, "gate_closed": gate_closed, "layers": [],
+           "delimiters": [tok.vocab[i] for i in sorted(delim_ids)] if tok is not None else None}
     for i in range(L):
-        layer = {"layer": i}
+        layer = {"layer": i, "tensors": {}}
+        for kind in all_kinds:
+            s = per_name[f"blocks.{i}.{kind}"]
+            layer["tensors"][kind] = {"inf_norm": s["mean_inf_norm"], "kurtosis": s["mean_kurtosis"],
+                                      "outliers": s["n_outliers"], "outlier_fraction": s["outlier_fraction"]}
         for kind in kinds:
             s = per_name[f"blocks.{i}.{kind}"]
             n, per_tok = s["n_outliers"], s["outliers_per_token"]
             layer[kind] = {"outliers": n, "top_dims": [list(t) for t in s["top_dims"]],
                            "per_position": s["outliers_per_pos"].tolist(),
+                           "per_dim": s["outliers_per_dim"].tolist(),
+                           "top_tokens": _top_tokens(per_tok, tok, top) if (n and per_tok is not None) else [],
                            "share_on_delimiters": int(per_tok[sorted(delim_ids)].sum()) / n
                            if (n and delim_ids) else None,
                            "share_on_mask_tokens": int(per_tok[mask_id]) / n if (n and mask_id is not None) else None}
@@ -397,9 +523,20 @@ def analyse(model, task: Task, batch_size, max_batches, device, n_std=6.0, top=5
         layer["attn_mass_first_token"] = (torch.as_tensor(h["first"]) / h["rows"]).tolist()
         layer["attn_mass_delimiters"] = (torch.as_tensor(h["delim"]) / h["rows"]).tolist() if delim_ids else None
         layer["attn_zero_fraction"] = (torch.as_tensor(h["zeros"]) / h["entries"]).tolist()
+        layer["attn_near_zero_fraction"] = (torch.as_tensor(h["near"]) / h["entries"]).tolist()
         layer["gate_mean"] = (torch.as_tensor(h["gate"]) / h["gate_n"]).tolist() if h["gate_n"] else None
+        layer["gate_closed_fraction"] = (torch.as_tensor(h["gate_closed"]) / h["gate_n"]).tolist() \
+            if h["gate_n"] else None
         out["layers"].append(layer)
     return out
+
+
+def _top_tokens(per_token, tok, top):
+    """[[token, outlier count], ...] for the `top` tokens carrying the most outliers (tokens as the vocabulary
+    spells them: "##ing", "Ġthe")."""
+    order = torch.argsort(per_token, descending=True, stable=True)[:top]
+    return [[tok.vocab[int(t)] if int(t) < len(tok.vocab) else f"<id {int(t)}>", int(per_token[t])]
+            for t in order if per_token[t] > 0]
 
 
 def print_analysis(an):

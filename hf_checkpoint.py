@@ -10,6 +10,8 @@ that eval_ptq.py evaluates like one train.py wrote, and exports a project model 
     python eval_ptq.py runs/hf-bert-base --analysis             # FP ppl, max inf-norm, kurtosis, W8A8 (3 seeds)
     python hf_checkpoint.py import /models/opt-125m runs/hf-opt-125m --max-seq-len 512 --data /data/wiki.txt
     python hf_checkpoint.py export runs/bert-small hf/bert-small  # config.json, model.safetensors, vocab files
+    python hf_checkpoint.py import /models/bert-base-encoder runs/hf-bert-body --data /data/my-text/  # a BertModel
+    python eval_ptq.py runs/hf-bert-body --analysis             # no head: SQNR, outliers, the audit report
 
 Nothing is downloaded and nothing beyond torch (and numpy) is needed: no `transformers`, no `safetensors` package.
 
@@ -54,6 +56,13 @@ base-model prefix `bert.` / `model.` / `vit.` may be missing, as in facebook/opt
       vit.encoder.layer.N.intermediate.dense / output.dense   blocks.N.fc1 / fc2
       vit.layernorm / classifier                              ln_f / head
 
+Encoder-only checkpoints. A folder without head tensors - BertModel (with or without its pooler; most sentence-
+embedding models), ViTModel (its pooler is ignored) - is imported as the project's model with head=False (model.py):
+the body alone, evaluated by the SQNR of its hidden states instead of perplexity or accuracy. OPT's LM head is the
+word embedding itself (tied), so an OPTModel folder holds everything OPTForCausalLM computes and is imported with
+its head; `--no-head` (head=False) imports any checkpoint's body alone and says which head tensors it left out.
+Export of a headless model writes the base model's layout (BertModel / OPTModel / ViTModel names, no prefix).
+
 Strict: a tensor of the file that has no place in the model, a parameter the file lacks, or a shape that does not
 fit is an error that names the tensor. config.json is checked the same way: whatever the project's models cannot
 compute exactly is refused with the field that says so (a post-LN OPT such as opt-350m, OPT's project_in/out, a
@@ -82,13 +91,16 @@ import os
 import re
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import tokenizer as T
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from model import BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, model_from_checkpoint
+from data import absolute_source
+from model import (BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, is_head_param,
+                   model_from_checkpoint)
 
 # ------------------------------------------------------------------------------------------------- safetensors
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -532,6 +544,7 @@ IGNORED = {
             (r"vit\.embeddings\.mask_token", "the mask token of masked image modelling is not used")],
 }
 BASE_PREFIX = {"bert": "bert.", "opt": "model.", "vit": "vit."}
+BASE_MODELS = {"bert": "BertModel", "opt": "OPTModel", "vit": "ViTModel"}  # the body alone
 _OWN_TOP = {"bert": ("bert.", "cls."), "opt": ("model.", "lm_head."), "vit": ("vit.", "classifier.")}
 
 
@@ -647,7 +660,7 @@ def hf_to_project(state_dict: dict[str, torch.Tensor], cfg, notes: list | None =
             raise ValueError(f"vit.embeddings.patch_embeddings.projection.weight has shape {tuple(w.shape)}: "
                              f"expected a conv kernel (d, C, p, p)")
         out["patch_embed.weight"] = w.reshape(w.shape[0], -1)  # (d, C*p*p), the order ViT.patchify flattens in
-    if arch in TIED and "wte.weight" in out:
+    if arch in TIED and "wte.weight" in out and cfg.head:
         hf_tied, proj_tied, _ = TIED[arch]
         if hf_tied in sd:
             copy = sd[hf_tied].float()
@@ -661,7 +674,8 @@ def hf_to_project(state_dict: dict[str, torch.Tensor], cfg, notes: list | None =
 def project_to_hf(state_dict: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """The inverse of hf_to_project: Hugging Face names of the task model, OPT's positions with two zero offset
     rows in front, ViT's patch projection as a conv kernel; the tied output weight is left out (as
-    save_pretrained does: the Hugging Face model ties it on load)."""
+    save_pretrained does: the Hugging Face model ties it on load). A model without a head is written as the
+    base model saves itself (BertModel, OPTModel, ViTModel: no `bert.` / `model.` / `vit.` prefix)."""
     arch, out, unknown = cfg.arch, {}, []
     for name, t in state_dict.items():
         if arch in TIED and name == TIED[arch][1]:
@@ -675,6 +689,8 @@ def project_to_hf(state_dict: dict[str, torch.Tensor], cfg) -> dict[str, torch.T
             t = torch.cat([torch.zeros(2, t.shape[1], dtype=t.dtype), t])  # HF's offset rows, never read
         if arch == "vit" and name == "patch_embed.weight":
             t = t.reshape(t.shape[0], cfg.n_channels, cfg.patch_size, cfg.patch_size)  # (d, C, p, p)
+        if not cfg.head:
+            hf = hf[len(BASE_PREFIX[arch]):]
         out[hf] = t.contiguous()
     if unknown:
         raise ValueError(f"{_few(unknown)} have no Hugging Face counterpart (attn_mode={cfg.attn_mode!r})")
@@ -774,20 +790,53 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     return _read_json(path)
 
 
-def load_hf_model(folder: str | os.PathLike, max_seq_len: int | None = None, notes: list | None = None):
+def head_tensors(state_dict: dict, arch: str) -> list[str]:
+    """The (Hugging Face) names of a state dict's tensors that belong to the task head: BERT's MLM head
+    (cls.predictions.*), ViT's classifier, OPT's lm_head (a tied copy of the embedding)."""
+    sd, origin = _normalize(state_dict, arch)
+    tied = TIED.get(arch, ("",))[0]
+    return [origin[k] for k in sd
+            if k == tied or is_head_param(hf_name_to_project(dict(ALIASES.get(arch, [])).get(k, k), arch) or "",
+                                          arch)]
+
+
+def load_hf_model(folder: str | os.PathLike, max_seq_len: int | None = None, notes: list | None = None,
+                  head: bool | None = None):
     """(model in eval mode, its config, its tokenizer or None) from a Hugging Face checkpoint folder.
-    max_seq_len: use fewer positions than the checkpoint has (BERT, OPT). `notes` collects what was ignored or
+    max_seq_len: use fewer positions than the checkpoint has (BERT, OPT). head: None imports the head if the
+    folder has one (BERT, ViT; OPT's is the tied embedding, always there) and the body alone (cfg.head False) if
+    not; False imports the body alone; True requires the head. `notes` collects what was loaded, ignored or
     converted. ValueError / FileNotFoundError naming the file, field or tensor on anything that does not fit."""
+    notes = [] if notes is None else notes
     hf_cfg = read_hf_config(folder)
     check_hf_config_bounds(hf_cfg)  # before reading weights or building anything
     sd = load_hf_state_dict(folder)
     n_classes = None
     if hf_cfg.get("model_type") == "vit":
-        head = normalize_hf_names(sd, "vit").get("classifier.weight")
-        n_classes = head.shape[0] if head is not None and head.dim() == 2 else None
+        cls_w = normalize_hf_names(sd, "vit").get("classifier.weight")
+        n_classes = cls_w.shape[0] if cls_w is not None and cls_w.dim() == 2 else None
     cfg = config_from_hf(hf_cfg, max_seq_len=max_seq_len, n_classes=n_classes)
+    found = head_tensors(sd, cfg.arch)
+    has_head = cfg.arch == "opt" or bool(found)  # OPT's LM head is the word embedding
+    what = {"bert": "the MLM head cls.predictions.*", "opt": "lm_head", "vit": "the classifier"}[cfg.arch]
+    if head and not has_head:
+        raise ValueError(f"{folder} has no head ({what}): it is an encoder-only checkpoint; import it without "
+                         f"requiring a head")
+    if head is None:
+        head = has_head
+    if not head:
+        cfg = replace(cfg, head=False)
+        sd = {k: v for k, v in sd.items() if k not in set(found)}
+        notes.append(f"not loaded: {_few(found, 4)} (the head, left out as asked)" if found else
+                     f"the checkpoint has no head ({what}), as BertModel / ViTModel save themselves")
     model = build_model(cfg)
     load_project_state_dict(model, hf_to_project(sd, cfg, notes))
+    body = {"bert": "embeddings", "opt": "embeddings", "vit": "patch embedding"}[cfg.arch]
+    final = "" if cfg.arch == "bert" else ", final LayerNorm"
+    head_part = {"bert": "MLM head", "opt": "LM head (tied to the word embedding)", "vit": "classifier"}[cfg.arch]
+    notes.insert(0, f"loaded: {body}, {cfg.n_layers} blocks{final}" + (f", {head_part}" if cfg.head else
+                 f"; no head, so evaluation reports the SQNR of the hidden states instead of "
+                 f"{'accuracy' if cfg.arch == 'vit' else 'perplexity'}"))
     tokenizer = load_hf_tokenizer(folder) if cfg.arch != "vit" else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json has "
@@ -802,6 +851,8 @@ def export_hf(model, folder: str | os.PathLike, tokenizer=None, safetensors: boo
     weights into shards with an index; dtype (e.g. torch.float16) converts floating-point weights."""
     cfg = model.cfg
     hf_cfg = config_to_hf(cfg, tokenizer)  # refuses what Hugging Face cannot compute
+    if not cfg.head:
+        hf_cfg["architectures"] = [BASE_MODELS[cfg.arch]]
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ValueError(f"{folder} exists and is not an empty folder: export into a new folder")
@@ -819,15 +870,52 @@ def export_hf(model, folder: str | os.PathLike, tokenizer=None, safetensors: boo
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+HF_IMAGE_DEFAULTS = (0.5, 0.5)  # ViTImageProcessor's image_mean / image_std when the folder does not say
+
+
+def image_preprocessing(folder: str | os.PathLike, cfg, notes: list) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel that a Hugging Face image model expects after scaling pixels to [0, 1], from its
+    preprocessor_config.json (image_mean, image_std; do_normalize false: 0 and 1), else ViTImageProcessor's
+    defaults 0.5 / 0.5. Images are resized to the model's image_size (config.json); a different `size` in the
+    preprocessor config is noted. A rescale other than 1/255 is refused (the data pipeline scales by 1/255)."""
+    path = Path(folder) / "preprocessor_config.json"
+    c = cfg.n_channels
+    if not path.is_file():
+        notes.append(f"no preprocessor_config.json: images normalised with ViTImageProcessor's defaults "
+                     f"mean {HF_IMAGE_DEFAULTS[0]}, std {HF_IMAGE_DEFAULTS[1]}")
+        return [HF_IMAGE_DEFAULTS[0]] * c, [HF_IMAGE_DEFAULTS[1]] * c
+    pp = _read_json(path)
+    if pp.get("do_rescale", True) and not math.isclose(pp.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-6):
+        raise ValueError(f"{path}: rescale_factor={pp.get('rescale_factor')!r}: only 1/255 (pixels to [0, 1]) "
+                         f"is supported")
+    if not pp.get("do_normalize", True):
+        mean, std = [0.0] * c, [1.0] * c
+    else:
+        mean, std = pp.get("image_mean", [HF_IMAGE_DEFAULTS[0]] * c), pp.get("image_std", [HF_IMAGE_DEFAULTS[1]] * c)
+        mean, std = ([v] * c if isinstance(v, (int, float)) else v for v in (mean, std))
+    if not (len(mean) == len(std) == c and all(isinstance(v, (int, float)) for v in mean + std)
+            and all(v > 0 for v in std)):
+        raise ValueError(f"{path}: image_mean {mean!r} and image_std {std!r} must be {c} numbers each, std > 0")
+    size = pp.get("size")
+    size = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+    if size is not None and size != cfg.image_size:
+        notes.append(f"preprocessor_config.json resizes to {size}px; images are resized to the model's "
+                     f"image_size {cfg.image_size}px")
+    notes.append(f"images normalised as preprocessor_config.json says: mean {mean}, std {std}")
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
 def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_seq_len: int | None = None,
-                  tokenizer_path: str = "") -> dict:
+                  tokenizer_path: str = "", head: bool | None = None) -> dict:
     """Write a train.py-style run folder (ckpt.pt at step 0 + the tokenizer as vocab.txt) for a Hugging Face
-    checkpoint, so that eval_ptq.py and scripts/figures.py evaluate it like a trained run. Returns the checkpoint."""
+    checkpoint, so that eval_ptq.py and scripts/figures.py evaluate it like a trained run. Returns the checkpoint.
+    head: as for load_hf_model (None: the head if the folder has one). The data path is stored absolute; an
+    image model stores the normalisation it expects (image_preprocessing)."""
     run = Path(run_folder)
     if (run / "ckpt.pt").exists():
         raise ValueError(f"{run / 'ckpt.pt'} exists: choose a new run folder")
     notes: list[str] = []
-    model, cfg, tokenizer = load_hf_model(hf_folder, max_seq_len=max_seq_len, notes=notes)
+    model, cfg, tokenizer = load_hf_model(hf_folder, max_seq_len=max_seq_len, notes=notes, head=head)
     if tokenizer_path:
         tokenizer = T.load_tokenizer(tokenizer_path)
     if cfg.arch != "vit" and tokenizer is None:
@@ -838,7 +926,9 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
                          f"{cfg.vocab_size}")
     # what evaluation reads of a run's training settings: its data and validation sizes (no optimizer state:
     # an imported run is evaluated, not resumed)
-    tc = {"data": data, "eval_batch_size": 64, "eval_batches": 50}
+    tc = {"data": absolute_source(data), "eval_batch_size": 64, "eval_batches": 50}
+    if cfg.arch == "vit":
+        tc["image_mean"], tc["image_std"] = image_preprocessing(hf_folder, cfg, notes)
     run.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(run / "vocab.txt")
@@ -853,18 +943,21 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
 
 
 def _cmd_import(args):
-    ck = import_to_run(args.hf_folder, args.run_folder, args.data, args.max_seq_len, args.tokenizer)
+    ck = import_to_run(args.hf_folder, args.run_folder, args.data, args.max_seq_len, args.tokenizer,
+                       head=False if args.no_head else None)
     cfg = ck["config"]
     if cfg["arch"] == "vit":
         shape = f"{cfg['image_size']}px images, {cfg['patch_size']}px patches, {cfg['n_classes']} classes"
     else:
         shape = f"vocab {cfg['vocab_size']}, max_seq_len {cfg['max_seq_len']}"
     n = sum(t.numel() for k, t in ck["model"].items() if k != "lm_head.weight")
+    if not cfg.get("head", True):
+        shape = (shape.rsplit(", ", 1)[0] if cfg["arch"] == "vit" else shape) + ", no head"
     print(f"imported {cfg['arch']} ({n / 1e6:.2f}M parameters, {cfg['n_layers']} layers, d_model {cfg['d_model']}, "
           f"{shape}) from {args.hf_folder} into {args.run_folder}")
     for note in ck["imported_from"]["notes"]:
         print(f"  note: {note}")
-    print(f"next: python eval_ptq.py {args.run_folder}" + (" --data DATA" if args.data == "builtin" else ""))
+    print(f"next: python eval_ptq.py {args.run_folder} --analysis" + (" --data DATA" if args.data == "builtin" else ""))
 
 
 def _cmd_export(args):
@@ -907,6 +1000,9 @@ def build_parser():
                           "for OPT); also the evaluation's sequence length")
     imp.add_argument("--tokenizer", default="", help="tokenizer to use instead of the folder's (a vocab.txt, or a "
                                                     "folder with vocab.json + merges.txt)")
+    imp.add_argument("--no-head", action="store_true",
+                     help="import the body alone (embeddings, blocks, final LayerNorm) even if the folder has a head; "
+                          "a folder without head tensors (BertModel, ViTModel) is imported this way anyway")
     imp.set_defaults(func=_cmd_import)
     exp = sub.add_parser("export", help="run folder -> Hugging Face folder")
     exp.add_argument("run_folder", help="run folder (ckpt.pt, vocab.txt) or checkpoint file written by train.py")

@@ -11,6 +11,8 @@ Bondarenko, Nagel, Blankevoort, "Quantizable Transformers" (NeurIPS 2023), secti
     outlier_counts where the outliers sit: per hidden dimension, per token position, per token id (section 3's
                    analysis: a few dimensions, on delimiter tokens)
     OutlierStats   accumulates all of the above over validation batches, per recorded tensor and per kind
+    sqnr_db        signal-to-quantization-noise ratio of a quantized tensor against its floating-point original,
+                   a quality measure that needs no head (QuantNoise accumulates it per tensor over batches)
     evaluate       the validation metric (perplexity or accuracy) and, optionally, the outlier metrics
 
 The model records its activations by name (`model(..., record=d)`, see model.py): blocks.{i}.attn_out,
@@ -25,8 +27,8 @@ import math
 import torch
 from tqdm import tqdm
 
-__all__ = ["kurtosis", "inf_norm", "outlier_mask", "outlier_counts", "OutlierStats", "evaluate", "n_targets",
-           "to_device"]
+__all__ = ["kurtosis", "inf_norm", "outlier_mask", "outlier_counts", "OutlierStats", "sqnr_db", "QuantNoise",
+           "evaluate", "n_targets", "to_device"]
 
 
 def _valid_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -201,6 +203,68 @@ def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(n - t.numel())]) if t.numel() < n else t
 
 
+# ------------------------------------------------------------------------------------- quantization noise
+def _energies(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float]:
+    """(sum x^2, sum (x - x_hat)^2) in float64; with a (B, T) mask of valid positions for (B, T, ...) tensors."""
+    if x.shape != x_hat.shape:
+        raise ValueError(f"the quantized tensor has shape {tuple(x_hat.shape)}, the original {tuple(x.shape)}")
+    x, e = x.detach().double(), (x.detach().double() - x_hat.detach().double())
+    if mask is not None:
+        w = mask.to(device=x.device, dtype=torch.float64).reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
+        x, e = x * w, e * w
+    return float(x.pow(2).sum()), float(e.pow(2).sum())
+
+
+def _ratio_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Signal-to-quantization-noise ratio of x_hat (quantized) against x (floating point), in dB:
+
+        SQNR = 10 log10( sum x^2 / sum (x - x_hat)^2 )
+
+    over all values (with mask (B, T): over the valid positions only). +inf when x_hat == x; computed in float64.
+    The relative error is its counterpart: ||x - x_hat||_2 / ||x||_2 = 10^(-SQNR / 20). Each bit of a uniform
+    quantizer over the tensor's range is worth about 6 dB.
+    """
+    return _ratio_db(*_energies(x, x_hat, mask))
+
+
+class QuantNoise:
+    """Accumulates, per named tensor, sum x^2 and sum (x - x_hat)^2 over batches, for the SQNR and the relative
+    error of a quantized model's tensors against the floating-point model's on the same inputs:
+
+        noise = QuantNoise()
+        for batch in val:
+            noise.update(fp_record, q_record, mask)  # {name: tensor} of the FP and the quantized model
+        noise.summary()["final"] -> {"sqnr_db": ..., "rel_error": ...}
+
+    The totals over the whole set give SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) and relative error
+    sqrt(sum (x - x_hat)^2 / sum x^2) (not averages of per-batch values).
+    """
+
+    def __init__(self):
+        self._acc: dict[str, list[float]] = {}
+
+    def update(self, fp: dict, quantized: dict, mask: torch.Tensor | None = None) -> None:
+        """fp, quantized: {name: tensor} with the same names and shapes; mask: (B, T) valid positions or None."""
+        for name, x in fp.items():
+            if name not in quantized:
+                raise ValueError(f"the quantized model recorded no {name!r}")
+            s, n = _energies(x, quantized[name], mask if x.dim() >= 2 else None)
+            a = self._acc.setdefault(name, [0.0, 0.0])
+            a[0] += s
+            a[1] += n
+
+    def summary(self) -> dict:
+        """{name: {"sqnr_db", "rel_error", "signal", "noise"}} over everything given to update."""
+        return {name: {"sqnr_db": _ratio_db(s, n), "rel_error": math.sqrt(n / s) if s > 0 else math.inf,
+                       "signal": s, "noise": n} for name, (s, n) in self._acc.items()}
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def n_targets(batch) -> int:
     """How many predictions a batch's loss averages over (masked tokens, next tokens, or images)."""
@@ -218,6 +282,7 @@ def evaluate(model, task, batch_size: int, max_batches: int, device, outliers: b
     """Validation metric and, optionally, the outlier metrics, over a deterministic validation set.
 
     Language models: loss = mean cross-entropy per predicted token, ppl = exp(loss). ViT: loss and top-1 acc.
+    A model without a head (its forward returns loss None) has no such metric: only the outlier metrics.
     Outlier metrics (quant.OutlierStats): for each recorded tensor kind, the per-sample inf-norm averaged over the
     validation set and maxed over layers (`max_inf_norm/<kind>`), and the per-sample kurtosis averaged over the
     set and over layers (`kurtosis/<kind>`). `forward(model, batch, record)` may replace the plain call (PTQ).
@@ -225,26 +290,31 @@ def evaluate(model, task, batch_size: int, max_batches: int, device, outliers: b
     was_training = model.training
     model.eval()
     stats = OutlierStats() if outliers else None
-    tot_loss, tot_n, correct = 0.0, 0, 0
+    tot_loss, tot_n, correct, no_head = 0.0, 0, 0, False
     batches = task.iter_valid(batch_size, max_batches)
     for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
         b = to_device(b, device)
         rec = {} if outliers else None
         logits, loss = (forward or _plain_forward)(model, b, rec)
+        if outliers:
+            hidden = {k: v for k, v in rec.items() if not k.endswith(("attn_probs", "gate_probs"))}
+            stats.update(hidden, b.get("attention_mask"))
+        if loss is None:  # no head
+            no_head = True
+            continue
         n = n_targets(b)
         tot_loss += loss.item() * n
         tot_n += n
         if task.arch == "vit":
             correct += int((logits.argmax(-1) == b["labels"]).sum())
-        if outliers:
-            hidden = {k: v for k, v in rec.items() if not k.endswith(("attn_probs", "gate_probs"))}
-            stats.update(hidden, b.get("attention_mask"))
     model.train(was_training)
-    out = {"val_loss": tot_loss / max(tot_n, 1)}
-    if task.arch == "vit":
-        out["val_acc"] = 100.0 * correct / max(tot_n, 1)
-    else:
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    out = {}
+    if not no_head:
+        out["val_loss"] = tot_loss / max(tot_n, 1)
+        if task.arch == "vit":
+            out["val_acc"] = 100.0 * correct / max(tot_n, 1)
+        else:
+            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
     if outliers:
         summary = stats.summary()
         for kind, v in summary["per_kind"].items():

@@ -17,6 +17,13 @@ nn.LayerNorm passes through a named `nn.Identity()` (`emb_sum`, `res_sum1`, `res
 slots, ViT's `input`). nn.Identity is used for nothing else. The final linear layer (`lm_head` / `head`) is the one
 PTQ leaves in floating point (`model.ptq_skip`).
 
+Models without a head: `head=False` in the config builds the body alone (embeddings, blocks, final LayerNorm) -
+what an encoder-only checkpoint holds (Hugging Face's BertModel, OPTModel, ViTModel). It is a config flag rather than
+a full model whose head is marked "not loaded" because then the state dict holds exactly the tensors that were
+loaded (no random head that a metric could silently use), while the body's keys stay those of the full model: a
+headless state dict is the full one minus the head's keys, so bodies load strictly either way. `forward` of a
+headless model returns (final hidden states, None); there is no loss, and labels are an error.
+
 Outlier metrics: `model(..., record=d)` fills the dict `d` with every block's activations (no hooks):
     blocks.{i}.attn_out           the attention layer's output (after the output projection), (B, T, d)
     blocks.{i}.attn_residual_sum  the residual sum after attention (input of the post-LN LayerNorm)
@@ -60,6 +67,7 @@ class TransformerConfig:
     gate_init: float = 0.5           # gated: pi_init, the gate bias starts at logit(pi_init)
     fused_attn: bool = True          # use F.scaled_dot_product_attention where exact (softmax, gated)
     pos_init: str = "normal"         # learned positions start as N(0, init_std) (paper) or "sinusoidal" (same scale)
+    head: bool = True                # False: the body alone (an encoder-only checkpoint such as BertModel / ViTModel)
 
     @property
     def seq_len(self) -> int:
@@ -79,6 +87,8 @@ class TransformerConfig:
             raise ValueError(f"dropout={self.dropout!r} is invalid: must be in [0, 1)")
         if self.pos_init not in POS_INITS:
             raise ValueError(f"pos_init={self.pos_init!r} is invalid: choose one of {POS_INITS}")
+        if not isinstance(self.head, bool):
+            raise ValueError(f"head={self.head!r} is invalid: must be True or False")
 
 
 @dataclass
@@ -224,6 +234,15 @@ def from_name(name: str, **overrides) -> nn.Module:
     return build_model(get_config(name, **overrides))
 
 
+# The modules each model builds only with head=True (everything else is the body).
+HEAD_MODULES = {"bert": ("head_dense", "head_act", "head_ln", "lm_head"), "opt": ("lm_head",), "vit": ("head",)}
+
+
+def is_head_param(name: str, arch: str) -> bool:
+    """Whether a state-dict key (e.g. "head_ln.weight") belongs to the head of an `arch` model."""
+    return name.split(".", 1)[0] in HEAD_MODULES[arch]
+
+
 def build_model(cfg: TransformerConfig) -> nn.Module:
     return {"bert": BertMLM, "opt": OPTLM, "vit": ViT}[cfg.arch](cfg)
 
@@ -359,7 +378,7 @@ class _Transformer(nn.Module):
                 groups.append((p + "ln1", [(p + f"attn.{x}_proj.weight", (1, -1)) for x in "qkv"]
                                + self._gate_consumers(block.attn, p + "attn.gate.")))
                 groups.append((p + "ln2", [(p + "fc1.weight", (1, -1))]))
-        if isinstance(self, BertMLM):
+        if isinstance(self, BertMLM) and self.cfg.head:
             groups.append((f"blocks.{len(self.blocks) - 1}.ln2", [("head_dense.weight", (1, -1))]))
         return groups
 
@@ -374,6 +393,12 @@ class _Transformer(nn.Module):
         if attn.gate.gate_type == "mlp":
             return [(prefix + "fc1_weight", (H, 1, D))]  # (H, n_hid, d_head)
         return [(prefix + "weight", (1, H * D))]  # all_heads_linear: (H, d_model)
+
+    def _no_head(self, h, labels):
+        """forward of a model built with head=False: (final hidden states, None)."""
+        if labels is not None:
+            raise ValueError("this model has no head (head=False), so it has no loss: call it without labels")
+        return h, None
 
     def num_params(self) -> int:
         """Number of parameters; a tied head shares the embedding's weight and is counted once."""
@@ -397,12 +422,12 @@ class BertMLM(_Transformer):
         self.emb_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self._make_blocks(cfg, pre_ln=False, activation="gelu", causal=False)
-        # MLM head (BERT's "transform" then a decoder tied to the word embedding)
-        self.head_dense = nn.Linear(d, d)
-        self.head_act = nn.Identity()  # slot: GELU output
-        self.head_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size)
-        self.lm_head.weight = self.wte.weight  # tied
+        if cfg.head:  # MLM head (BERT's "transform" then a decoder tied to the word embedding)
+            self.head_dense = nn.Linear(d, d)
+            self.head_act = nn.Identity()  # slot: GELU output
+            self.head_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
+            self.lm_head = nn.Linear(d, cfg.vocab_size)
+            self.lm_head.weight = self.wte.weight  # tied
         self.init_weights()
         with torch.no_grad():
             self.wte.weight[cfg.pad_id].zero_()
@@ -428,6 +453,8 @@ class BertMLM(_Transformer):
         their mean cross-entropy (the same value as the head over all positions, at a fraction of the cost).
         """
         h = self.forward_features(input_ids, attention_mask, token_type_ids, record)
+        if not self.cfg.head:
+            return self._no_head(h, labels)
         if labels is None:
             return self.forward_head(h), None
         sel = labels != -100  # (B, T)
@@ -452,8 +479,9 @@ class OPTLM(_Transformer):
         self.drop = nn.Dropout(cfg.dropout)
         self._make_blocks(cfg, pre_ln=True, activation="relu", causal=True)
         self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
+        if cfg.head:
+            self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+            self.lm_head.weight = self.wte.weight  # tied
         self.init_weights()
 
     def forward_features(self, input_ids, attention_mask=None, record=None):
@@ -466,7 +494,10 @@ class OPTLM(_Transformer):
     def forward(self, input_ids, attention_mask=None, labels=None, record=None):
         """Returns (logits (B, T, vocab), loss). labels are the targets already shifted by one (data.py shifts);
         -100 marks positions without a target."""
-        logits = self.lm_head(self.forward_features(input_ids, attention_mask, record))
+        h = self.forward_features(input_ids, attention_mask, record)
+        if not self.cfg.head:
+            return self._no_head(h, labels)
+        logits = self.lm_head(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -492,7 +523,8 @@ class ViT(_Transformer):
         self.drop = nn.Dropout(cfg.dropout)
         self._make_blocks(cfg, pre_ln=True, activation="gelu", causal=False)
         self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.head = nn.Linear(d, cfg.n_classes)
+        if cfg.head:
+            self.head = nn.Linear(d, cfg.n_classes)
         self.init_weights()
 
     @torch.no_grad()
@@ -529,7 +561,10 @@ class ViT(_Transformer):
 
     def forward(self, images, labels=None, record=None):
         """Returns (logits (B, n_classes), loss with label smoothing)."""
-        logits = self.forward_head(self.forward_features(images, record))
+        h = self.forward_features(images, record)
+        if not self.cfg.head:
+            return self._no_head(h, labels)
+        logits = self.forward_head(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)

@@ -355,6 +355,8 @@ def resolve_configs(args):
                                  f"attn_mode={attn_mode!r}: add --attn-mode {mode}")
         cfg = get_config(args.preset, **model_over)
         tc = replace(RECIPES[args.preset], **train_over)
+    # stored in the checkpoint: absolute, so that eval_ptq.py finds the data from any working directory
+    tc = replace(tc, data=D.absolute_source(tc.data))
     validate_train_config(tc)
     if tc.clip_warmup_steps and cfg.attn_mode != "clipped":
         raise ValueError(f"--clip-warmup-steps has no effect with attn_mode={cfg.attn_mode!r}: add --attn-mode clipped")

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval_ptq import describe  # noqa: E402
 from checkpoint import load_checkpoint, pick_device  # noqa: E402
 from model import model_from_checkpoint  # noqa: E402
-from data import Task, eval_sizes  # noqa: E402
+from data import Task, eval_sizes, unmask as _unmasked  # noqa: E402
 from metrics import OutlierStats, outlier_mask, to_device  # noqa: E402
 
 KINDS = ("attn_out", "attn_residual_sum", "attn_ln_out", "ffn_out", "ffn_residual_sum", "ffn_ln_out")
@@ -119,14 +119,6 @@ def token_labels(task: Task, cfg, ids=None) -> list[str]:
         s = tok.decode([i], skip_special=False)
         out.append("##" + s if tok.vocab[i].startswith("##") and len(tok.vocab[i]) > 2 else s)
     return out
-
-
-def _unmasked(batch: dict) -> dict:
-    """A BERT validation batch with its original tokens back in place of the MLM corruption ([MASK], random or
-    kept tokens): the labels hold the original token wherever one was selected."""
-    b = dict(batch)
-    b["input_ids"] = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])
-    return b
 
 
 def _valid_batches(model, task: Task, batch_size: int, max_batches: int, unmask: bool):
