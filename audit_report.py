@@ -147,7 +147,7 @@ def to_markdown(a: dict, drew: bool) -> str:
                                                                 "no head (encoder only): quality is the SQNR"),
            f"- data: `{d['source']}`, {d['inputs']}; {d['eval_batches']} batches of {d['eval_batch_size']}; "
            f"PTQ calibrated on {d['calib_batches']} batches, seeds {d['seeds']}",
-           f"- FP: " + (f"{fp['metric']} {_fmt(fp['value'], 3)}, " if fp["metric"] else "")
+           "- FP: " + (f"{fp['metric']} {_fmt(fp['value'], 3)}, " if fp["metric"] else "")
            + f"max inf-norm {_fmt(fp['max_inf_norm'], 1)}, average kurtosis {_fmt(fp['avg_kurtosis'], 1)}", ""]
 
     out += ["## Quantization (W = weight bits, A = activation bits)", "",

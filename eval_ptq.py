@@ -149,16 +149,17 @@ def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_si
 
 
 def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
-            progress=True, int8: bool = False, **method):
+            progress=True, int8: bool = False, sqnr_batches: int = 0, **method):
     """One PTQ run: quantize a copy, calibrate, evaluate (the metric, if the model has a head) and measure the
     quantization error of the hidden states (quant_error) and the activation ranges (act_ranges). With int8, also
     evaluate the same calibrated model with its linear layers executed in integers (int8.py): r["int8"] holds
     that evaluation and r["int8_report"] which layers ran in int8. `method`: calibrated_copy's smoothquant /
-    per_token."""
+    per_token. The hidden-state error is measured on the first `sqnr_batches` validation batches (0: all)."""
+    sqnr_batches = min(sqnr_batches, eval_batches) if sqnr_batches else eval_batches
     qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress, **method)
     r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
         if model.cfg.head else {}
-    r["quant_error"] = quant_error(model, qmodel, task, eval_bs, eval_batches, device)
+    r["quant_error"] = quant_error(model, qmodel, task, eval_bs, sqnr_batches, device)
     r["act_ranges"] = act_ranges(qmodel)
     if int8:
         example = to_device(task.batch("train", calibration_steps(seed, 1)[0], calib_batch_size, seed=seed,
@@ -166,7 +167,7 @@ def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval
         imodel, report = to_int8(qmodel, example, lambda m, b: m(**b))
         r["int8"] = evaluate(imodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
             if model.cfg.head else {}
-        r["int8"]["quant_error"] = quant_error(model, imodel, task, eval_bs, eval_batches, device)
+        r["int8"]["quant_error"] = quant_error(model, imodel, task, eval_bs, sqnr_batches, device)
         r["int8_report"] = report
     return r
 
@@ -243,6 +244,9 @@ def main(argv=None):
                                                                           "percentile")
     ap.add_argument("--eval-batches", type=int, default=0, help="validation batches (0: the training run's)")
     ap.add_argument("--eval-batch-size", type=int, default=0, help="validation batch size (0: the run's)")
+    ap.add_argument("--sqnr-batches", type=int, default=8,
+                    help="validation batches for the SQNR of the hidden states of a model with a head (0: all; a "
+                         "model without a head always uses all: the SQNR is its only measure)")
     ap.add_argument("--per-token", action="store_true",
                     help="not the paper's: quantize every linear layer's input per token, with ranges computed at "
                          "run time (the other activations keep static per-tensor ranges)")
@@ -304,7 +308,7 @@ def _ptq_line(entry: dict, m: str, seeds) -> str:
 def _main(args):
     if args.calib_batches <= 0:
         raise ValueError(f"--calib-batches {args.calib_batches}: must be a positive integer")
-    for name in ("eval_batches", "eval_batch_size", "calib_batch_size"):
+    for name in ("eval_batches", "eval_batch_size", "calib_batch_size", "sqnr_batches"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: the default)")
     if args.smoothquant is not None and not 0.0 <= args.smoothquant <= 1.0:
@@ -355,7 +359,8 @@ def _main(args):
         for seed in args.seeds:
             t0 = time.perf_counter()
             runs.append(run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches,
-                                device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token))
+                                device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token,
+                                sqnr_batches=args.sqnr_batches if cfg.head else 0))
             t_q.append(time.perf_counter() - t0)
         key = f"W{wb}A{ab}"
         entry = _ptq_entry(runs, m, cfg.n_layers)

@@ -8,6 +8,7 @@
     python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3   # the three main rows (12.5 min)
     python scripts/reproduce.py --rows vanilla gated_linear --steps 500   # a subset, shorter
     python scripts/reproduce.py --rows clipped_a1_warm clipped_a2_warm clipped_a4_warm --jobs 3   # gamma warm-up
+    python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3 --baselines   # + SmoothQuant etc.
     python scripts/reproduce.py --rows vanilla clipped gated_linear --jobs 3 --train-args "--short-seq-len 32 --short-seq-steps 1000"
                                                        # first 1,000 steps on 32-token pieces (README: the plateau)
 
@@ -62,6 +63,16 @@ ALPHAS = [0.25, 0.5, 1, 2, 4, 8]        # Figure 6
 PI_INITS = [0.1, 0.25, 0.5, 0.75, 0.9]  # Figure 7
 
 
+# Post-hoc PTQ baselines (not the paper's method), evaluated on the rows' trained checkpoints (no retraining):
+# (name, description, eval_ptq.py flags). --baselines runs each for each finished row.
+BASELINES = [
+    ("per-tensor", "per-tensor (the paper's PTQ)", []),
+    ("smoothquant", "SmoothQuant, alpha 0.5", ["--smoothquant", "0.5"]),
+    ("per-channel-per-token", "per-channel weights, per-token activations", ["--weight-per-channel", "--per-token"]),
+]
+BASELINE_BITS = ["W8A8", "W8A6", "W4A8"]
+
+
 def sweep_rows(kind):
     """The rows of a sweep: a plain softmax row first (the reference line of Figures 6 and 7), then one row per
     value of alpha (clipped softmax) or pi_init (Linear gate)."""
@@ -88,6 +99,9 @@ def main(argv=None):
                                                           "else 1); CPU threads are split between them")
     ap.add_argument("--plots", action="store_true", help="draw the figures (scripts/figures.py all) at the end")
     ap.add_argument("--train-args", default="", help="extra train.py flags for every row, e.g. '--lr 1e-3'")
+    ap.add_argument("--baselines", action="store_true",
+                    help="then evaluate every row's checkpoint with the post-hoc PTQ baselines too (SmoothQuant; "
+                         "per-channel weights with per-token activations) at W8A8, W8A6 and W4A8: <out>/baselines.md")
     args = ap.parse_args(argv)
 
     if args.sweep:
@@ -133,6 +147,8 @@ def main(argv=None):
         time.sleep(1)
     write_outputs(out, rows, done, time.time() - t_start, ran)
     print(open(os.path.join(out, "table.md")).read())
+    if args.baselines:
+        run_baselines(out, rows, args, jobs, threads)
     if args.plots:
         import figures  # scripts/ is on sys.path when this file runs as a script
         figures.make_all(out).finish()
@@ -152,6 +168,67 @@ def start_row(run, desc, train_flags, args, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     log = open(os.path.join(run, "row.log"), "a")
     return subprocess.Popen(["sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_baselines(out, rows, args, jobs, threads):
+    """Evaluate each row's checkpoint with every PTQ method of BASELINES (eval_ptq.py --out <row>/ptq-<method>),
+    `jobs` at a time, reusing finished ones; then write <out>/baselines.md and baselines.json."""
+    py, here = sys.executable, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    todo = [(row, method, flags) for row, _, _ in rows for method, _, flags in BASELINES
+            if not os.path.exists(os.path.join(out, row, f"ptq-{method}", "ptq.json"))]
+    t0, running = time.time(), []
+    while todo or running:
+        while todo and len(running) < jobs:
+            row, method, flags = todo.pop(0)
+            dest = os.path.join(out, row, f"ptq-{method}")
+            os.makedirs(dest, exist_ok=True)
+            cmd = [py, os.path.join(here, "eval_ptq.py"), os.path.join(out, row), "--bits", *BASELINE_BITS,
+                   "--seeds", *map(str, range(args.ptq_seeds)), "--quiet", "--out", dest, *flags]
+            print(f"== baseline {method} on {row}", flush=True)
+            log = open(os.path.join(dest, "eval.log"), "w")
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            running.append((row, method, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        for item in list(running):
+            if item[2].poll() is not None:
+                running.remove(item)
+                if item[2].returncode != 0:
+                    sys.exit(f"error: baseline {item[1]} on {item[0]} failed (exit {item[2].returncode}); see "
+                             f"{os.path.join(out, item[0], 'ptq-' + item[1], 'eval.log')}")
+        time.sleep(1)
+    write_baselines(out, rows, time.time() - t0)
+    print(open(os.path.join(out, "baselines.md")).read())
+
+
+def write_baselines(out, rows, seconds):
+    """<out>/baselines.md: one line per (row, PTQ method), the gaps to FP at each bit setting, mean +- std over
+    the PTQ seeds, all on the same trained checkpoints."""
+    results, lines = [], []
+    for row, desc, _ in rows:
+        for method, mdesc, _ in BASELINES:
+            path = os.path.join(out, row, f"ptq-{method}", "ptq.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                r = json.load(f)
+            m = "acc" if r["arch"] == "vit" else "ppl"
+            fp = r["fp"]["val_" + m]
+            gaps = []
+            for b in BASELINE_BITS:
+                v = r["ptq"][b]
+                gap = [(x / fp - 1) * 100 if m == "ppl" else x - fp for x in v["values"]]
+                mean = sum(gap) / len(gap)
+                std = (sum((g - mean) ** 2 for g in gap) / max(len(gap) - 1, 1)) ** 0.5
+                gaps.append(f"{mean:+.1f} ± {std:.1f}{'%' if m == 'ppl' else ''}")
+            lines.append(f"| {desc} | {mdesc} | {fp:.2f} | " + " | ".join(gaps) + " |")
+            results.append({"row": row, "method": method, "fp": fp, "ptq": r["ptq"], "ptq_method": r["ptq_method"]})
+    head = ["Model", "PTQ", "FP"] + [f"{b} gap" for b in BASELINE_BITS]
+    text = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines, "",
+                      f"Gaps to the FP metric, mean ± std over the PTQ seeds; every line of a model uses the same "
+                      f"trained checkpoint. This call: {seconds / 60:.1f} min."]) + "\n"
+    with open(os.path.join(out, "baselines.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "baselines.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def earlier_minutes(out, name):

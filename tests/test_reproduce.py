@@ -72,3 +72,21 @@ def test_sweeps_start_with_a_softmax_reference_row():
     assert [r[0] for r in alpha[1:]] == [f"alpha_{a:g}" for a in reproduce.ALPHAS]
     assert alpha[3][2] == ["--attn-mode", "clipped", "--clip-alpha", "1"]
     assert pi[1:][2][2] == ["--attn-mode", "gated", "--gate-init", "0.5"]
+
+
+def test_reproduce_baselines_on_the_same_checkpoints(tmp_path):
+    """--baselines evaluates each row's trained checkpoint with every post-hoc PTQ method (no retraining) and
+    writes one table: a line per (row, method), gaps at W8A8, W8A6 and W4A8."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "repro"
+    r = run_repro(tmp_path, "--rows", "gated_linear", "--steps", "3", "--ptq-seeds", "1", "--jobs", "2",
+                  "--baselines", "--out", str(out), "--train-args", f"{TINY} --data {corpus}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = (out / "baselines.md").read_text()
+    assert table.startswith("| Model | PTQ | FP | W8A8 gap | W8A6 gap | W4A8 gap |")
+    results = json.loads((out / "baselines.json").read_text())
+    assert [(x["row"], x["method"]) for x in results] == [
+        ("gated_linear", m) for m in ("per-tensor", "smoothquant", "per-channel-per-token")]
+    assert len({x["fp"] for x in results}) == 1  # the same checkpoint under every method
+    assert results[1]["ptq_method"]["smoothquant"] == 0.5
+    assert results[2]["ptq_method"] == {"weights": "per-channel", "activations": "per-token inputs", "smoothquant": None}
