@@ -409,6 +409,10 @@ def unmask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 OBJECTIVES = ("mlm", "clm")
+# How a masked-LM sequence is cut from the token stream. "stream" (default; the paper's BERT-6L set-up, C.1): T
+# consecutive tokens. "cls_sep" (BERT's original pre-training format, not the paper's BERT-6L): T - 2 consecutive
+# tokens wrapped as [CLS] window [SEP], so every sequence starts with [CLS] and ends with [SEP].
+SEQ_FORMATS = ("stream", "cls_sep")
 
 
 @dataclass
@@ -423,7 +427,15 @@ class TextData:
     tokens: dict[str, np.ndarray]
     source: str = ""
     mlm_probability: float = 0.15
+    seq_format: str = "stream"      # SEQ_FORMATS: "stream" (T stream tokens) | "cls_sep" ([CLS] T-2 tokens [SEP])
     _datasets: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.seq_format not in SEQ_FORMATS:
+            raise ValueError(f"seq_format={self.seq_format!r} is invalid: choose one of {SEQ_FORMATS}")
+        if self.seq_format == "cls_sep" and (self.tokenizer.cls_id is None or self.tokenizer.sep_id is None
+                                             or self.seq_len < 3):
+            raise ValueError("seq_format='cls_sep' needs a tokenizer with [CLS] and [SEP] and seq_len >= 3")
 
     @property
     def vocab_size(self) -> int:
@@ -435,10 +447,14 @@ class TextData:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if split not in self.tokens:
             raise ValueError(f"split must be one of {sorted(self.tokens)}, got {split!r}")
+        if objective == "clm" and self.seq_format != "stream":
+            raise ValueError(f"seq_format={self.seq_format!r} applies to masked-LM batches only; causal LM uses "
+                             f"'stream'")
         key = (split, objective)
         if key not in self._datasets:
             extra = 1 if objective == "clm" else 0
-            ds = TokenDataset(self.tokens[split], self.seq_len + extra, self.seq_len)
+            inner = self.seq_len - 2 if self.seq_format == "cls_sep" else self.seq_len  # cls_sep: room for 2
+            ds = TokenDataset(self.tokens[split], inner + extra, inner)
             if len(ds) == 0:
                 raise DataError(f"{self.source} {split}: {len(self.tokens[split])} tokens, fewer than one sequence "
                                 f"of {self.seq_len + extra}")
@@ -449,6 +465,9 @@ class TextData:
         return len(self.dataset(split, objective))
 
     def _make_batch(self, rows: torch.Tensor, objective: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if objective == "mlm" and self.seq_format == "cls_sep":  # (b, T - 2) -> [CLS] rows [SEP], (b, T)
+            ends = torch.tensor([self.tokenizer.cls_id, self.tokenizer.sep_id], dtype=rows.dtype)
+            rows = torch.cat([ends[:1].expand(len(rows), 1), rows, ends[1:].expand(len(rows), 1)], dim=1)
         if objective == "mlm":
             input_ids, labels = mlm_mask(rows, self.tokenizer, generator, self.mlm_probability)
         else:
@@ -555,7 +574,7 @@ def absolute_source(source: str) -> str:
 def load_text_data(source: str = "builtin",
                    tokenizer: WordPieceTokenizer | ByteLevelBPETokenizer | str | os.PathLike | None = None,
                    vocab_size: int = 8192, seq_len: int = 128, cache_dir: str | os.PathLike | None = None,
-                   lowercase: bool = True) -> TextData:
+                   lowercase: bool = True, seq_format: str = "stream") -> TextData:
     """Load (and cache) a text source as token streams.
 
     source: "builtin" | "wikitext-103:DIR" | "wikitext-2:DIR" | a folder | a UTF-8 text file (see module docstring).
@@ -566,6 +585,8 @@ def load_text_data(source: str = "builtin",
         the train split (cached as cache_dir/vocab-*.txt; save it next to checkpoints).
     lowercase: BERT-uncased style lower-casing for a built vocabulary (a loaded vocab.txt infers it, see
         WordPieceTokenizer.load).
+    seq_format: "stream" (T consecutive tokens, the default) or "cls_sep" ([CLS] T - 2 tokens [SEP], masked LM
+        only); see SEQ_FORMATS.
     cache_dir: where token memmaps and built vocabularies live (default $QT_DATA_CACHE or
         ~/.cache/quantizable-transformers). A cache entry is keyed by the source files' paths, sizes and mtimes and
         the tokenizer hash; a second run loads it in well under a second.
@@ -585,7 +606,7 @@ def load_text_data(source: str = "builtin",
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     tokens = {s: _cached_tokens(name, s, files, tokenizer, cache_dir) for s, files in splits.items()}
-    return TextData(tokenizer=tokenizer, seq_len=seq_len, tokens=tokens, source=source)
+    return TextData(tokenizer=tokenizer, seq_len=seq_len, tokens=tokens, source=source, seq_format=seq_format)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -947,7 +968,7 @@ class Task:
 
     def __init__(self, arch: str, source: str = "builtin", vocab: str = "", vocab_size: int = 8192,
                  seq_len: int = 128, image_size: int = 32, n_classes: int | None = None,
-                 cache_dir: str | None = None, image_mean=None, image_std=None):
+                 cache_dir: str | None = None, image_mean=None, image_std=None, seq_format: str = "stream"):
         if arch not in TASKS:
             raise ValueError(f"arch={arch!r}: expected one of {sorted(TASKS)}")
         self.arch = arch
@@ -961,7 +982,7 @@ class Task:
                                  f"{n_classes}: pass --n-classes {self.data.num_classes}")
         else:
             self.data = load_text_data(source, tokenizer=vocab or None, vocab_size=vocab_size, seq_len=seq_len,
-                                       cache_dir=cache_dir)
+                                       cache_dir=cache_dir, seq_format=seq_format)
             self.tokenizer = self.data.tokenizer
             if self.tokenizer.vocab_size > vocab_size:
                 raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
@@ -969,7 +990,7 @@ class Task:
 
     @classmethod
     def for_config(cls, cfg, source: str = "builtin", vocab: str = "", cache_dir: str | None = None,
-                   image_mean=None, image_std=None) -> "Task":
+                   image_mean=None, image_std=None, seq_format: str = "stream") -> "Task":
         """The task a model config trains on (any object with arch and the fields of its architecture). A model
         without a head (cfg.head False) needs no labels, so a ViT's n_classes is not checked against the data."""
         if cfg.arch == "vit":
@@ -977,7 +998,7 @@ class Task:
             return cls("vit", source, image_size=cfg.image_size, n_classes=n_classes, image_mean=image_mean,
                        image_std=image_std)
         return cls(cfg.arch, source, vocab=vocab, vocab_size=cfg.vocab_size, seq_len=cfg.max_seq_len,
-                   cache_dir=cache_dir)
+                   cache_dir=cache_dir, seq_format=seq_format)
 
     @classmethod
     def for_run(cls, cfg, run_dir: str, train_config: dict, source: str = "") -> "Task":
@@ -991,7 +1012,8 @@ class Task:
             if not os.path.isfile(vocab):
                 raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
         return cls.for_config(cfg, source, vocab, image_mean=train_config.get("image_mean"),
-                              image_std=train_config.get("image_std"))
+                              image_std=train_config.get("image_std"),
+                              seq_format=train_config.get("seq_format", "stream"))
 
     def batch(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
         """The batch of `step` (a pure function of seed and step); rank r of world_size takes its shard."""

@@ -64,6 +64,8 @@ class TrainConfig:
     clip_warmup_steps: int = 0      # not in the paper: clipped softmax's gamma grows linearly from 0 over N steps
     short_seq_len: int = 0          # text only: for the first short_seq_steps steps, train on sequences of this
     short_seq_steps: int = 0        #   length (each T-token sequence cut into pieces; 0, 0: off). See split_sequences
+    seq_format: str = "stream"      # BERT: "stream" (T consecutive tokens; the paper's BERT-6L) | "cls_sep" (not in the
+                                    #   paper's BERT-6L: [CLS] + T-2 tokens + [SEP], BERT's original format)
     seed: int = 0
     device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
@@ -139,6 +141,8 @@ def validate_train_config(tc: TrainConfig) -> None:
     if tc.short_seq_len < 0 or not 0 <= tc.short_seq_steps <= tc.steps:
         bad("short_seq_steps", f"need short_seq_len >= 0 and 0 <= short_seq_steps <= steps={tc.steps} "
                                f"(short_seq_len={tc.short_seq_len})")
+    if tc.seq_format not in D.SEQ_FORMATS:
+        bad("seq_format", f"choose one of {D.SEQ_FORMATS}")
     if bool(tc.short_seq_len) != bool(tc.short_seq_steps):
         bad("short_seq_len", f"give both --short-seq-len and --short-seq-steps, or neither "
                              f"(short_seq_steps={tc.short_seq_steps})")
@@ -255,6 +259,8 @@ HELP = {
     "short_seq_len": "text, not in the paper: train the first --short-seq-steps steps on sequences of this length "
                      "(each sequence cut into max_seq_len / S pieces)",
     "short_seq_steps": "text: how many steps the --short-seq-len phase lasts (0: none)",
+    "seq_format": "BERT: stream (T consecutive tokens of the [CLS] doc [SEP] stream; the paper's BERT-6L) | cls_sep "
+                  "(not in the paper's BERT-6L: [CLS] + T-2 stream tokens + [SEP], BERT's original format)",
     "seed": "seed of the init, the batches and dropout", "device": "auto | cpu | cuda | cuda:N",
     "dtype": "fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)",
     "eval_interval": "validate every N steps", "eval_batches": "validation batches",
@@ -360,6 +366,8 @@ def resolve_configs(args):
     validate_train_config(tc)
     if tc.clip_warmup_steps and cfg.attn_mode != "clipped":
         raise ValueError(f"--clip-warmup-steps has no effect with attn_mode={cfg.attn_mode!r}: add --attn-mode clipped")
+    if tc.seq_format != "stream" and cfg.arch != "bert":
+        raise ValueError(f"--seq-format {tc.seq_format} applies to BERT (masked LM) only, not to {cfg.arch}")
     if tc.short_seq_len and cfg.arch == "vit":
         raise ValueError("--short-seq-len applies to text models (BERT, OPT), not to ViT")
     if tc.short_seq_len and (cfg.max_seq_len % tc.short_seq_len or tc.short_seq_len >= cfg.max_seq_len):
@@ -443,7 +451,7 @@ def main(argv=None):
     try:
         vocab_path = os.path.join(out, "vocab.txt") if (args.resume and os.path.exists(
             os.path.join(out, "vocab.txt"))) else ""
-        task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file)
+        task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file, seq_format=tc.seq_format)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it

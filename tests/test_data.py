@@ -355,6 +355,36 @@ def test_batches_deterministic_and_sharded(text_data, objective):
         get("train", step=0, batch_size=7, seed=0, rank=0, world_size=2)
 
 
+def test_cls_sep_sequences_start_with_cls_end_with_sep(text_file, tmp_path):
+    """seq_format="cls_sep": every MLM sequence is [CLS] + T - 2 consecutive stream tokens + [SEP]; the two ends are
+    never selected for MLM (even with p = 1), training and validation batches alike; "stream" is unchanged."""
+    td = data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path, seq_format="cls_sep")
+    tok = td.tokenizer
+    stream = torch.from_numpy(np.asarray(td.tokens["train"]).astype(np.int64))
+    assert td.num_sequences("train") == (len(stream) - 14) // 14 + 1
+    b = td.mlm_batch("train", step=3, batch_size=8, seed=0)
+    assert b["input_ids"].shape == b["labels"].shape == (8, 16)
+    assert (b["input_ids"][:, 0] == tok.cls_id).all() and (b["input_ids"][:, -1] == tok.sep_id).all()
+    assert (b["labels"][:, [0, -1]] == -100).all()
+    idx = data.batch_indices(td.num_sequences("train"), 3, 8, 0, stream="train")
+    for row, i in enumerate(idx.tolist()):  # unmasked inner tokens are the stream window i
+        inner, lab = b["input_ids"][row, 1:-1], b["labels"][row, 1:-1]
+        orig = torch.where(lab != -100, lab, inner)
+        assert torch.equal(orig, stream[i * 14: i * 14 + 14])
+    for v in td.iter_valid(batch_size=5, max_batches=3):
+        assert (v["input_ids"][:, 0] == tok.cls_id).all() and (v["input_ids"][:, -1] == tok.sep_id).all()
+    every = data.TextData(tokenizer=tok, seq_len=16, tokens=td.tokens, mlm_probability=1.0, seq_format="cls_sep")
+    b = every.mlm_batch("train", step=0, batch_size=8, seed=0)
+    assert (b["labels"][:, [0, -1]] == -100).all() and (b["labels"][:, 1:-1] != -100).any()
+    assert (b["input_ids"][:, 0] == tok.cls_id).all() and (b["input_ids"][:, -1] == tok.sep_id).all()
+    plain = data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path)
+    assert plain.seq_format == "stream" and plain.num_sequences("train") == len(stream) // 16
+    with pytest.raises(ValueError, match="masked-LM batches only"):
+        td.clm_batch("train", step=0, batch_size=8)
+    with pytest.raises(ValueError, match="seq_format='wrapped' is invalid"):
+        data.TextData(tokenizer=tok, seq_len=16, tokens=td.tokens, seq_format="wrapped")
+
+
 def test_batch_indices_cover_each_epoch():
     n, bs = 50, 8
     seen = torch.cat([data.batch_indices(n, s, bs, seed=1) for s in range(25)])  # 200 = 4 epochs

@@ -501,6 +501,7 @@ BAD = [
     (["--short-seq-len", "5", "--short-seq-steps", "1"], ["--short-seq-len 5", "max_seq_len=16", "divide"]),
     (["--short-seq-len", "16", "--short-seq-steps", "1"], ["--short-seq-len 16", "smaller"]),
     (["--short-seq-len", "4", "--short-seq-steps", "3"], ["short_seq_steps=3", "steps=2"]),
+    (["--seq-format", "wrapped"], ["seq_format='wrapped'", "cls_sep"]),
 ]
 
 
@@ -521,6 +522,15 @@ def test_short_seq_len_on_vit_one_clear_error(tmp_path, corpus):
                         "--out", tmp_path / "run"))
     assert "--short-seq-len applies to text models" in exit_message(e)
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_seq_format_cls_sep_bert_only(tmp_path, corpus):
+    with pytest.raises(SystemExit) as e:
+        train.main(args("opt", corpus, "--steps", 2, "--seq-format", "cls_sep", "--out", tmp_path / "run"))
+    assert "--seq-format cls_sep applies to BERT" in exit_message(e)
+    ev = train.main(args("bert", corpus, "--steps", 2, "--seq-format", "cls_sep", "--out", tmp_path / "bert"))
+    assert ev["val_ppl"] > 0
+    assert checkpoint.load_checkpoint(str(tmp_path / "bert"))["train_config"]["seq_format"] == "cls_sep"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
