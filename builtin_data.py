@@ -54,7 +54,7 @@ import torch
 
 from tokenizer import DataError
 
-__all__ = ["builtin_text", "builtin_text_key", "synthetic_text", "synthetic_text_key", "BUILTIN_SHAPES", "render_shapes"]
+__all__ = ["builtin_text", "builtin_text_key", "builtin_torch_text", "builtin_torch_text_key", "synthetic_text", "synthetic_text_key", "BUILTIN_SHAPES", "render_shapes"]
 
 
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -202,6 +202,55 @@ def builtin_text() -> tuple[list[str], list[str]]:
 def builtin_text_key() -> list:
     """What the built-in text depends on (the Python version and the stdlib files' sizes): a cache key."""
     return [sys.version, [(r, p.stat().st_size) for r, p in _stdlib_files()]]
+
+
+# -- "builtin-torch": the stdlib text plus the docstrings and comments of the installed torch --------------------
+# Not in the paper: a larger built-in real-English source (about 10 MB instead of 2.6 MB), measured as a candidate
+# for the small-scale reproduction (docs/results.md, "Real English text"). Only the standard library and torch
+# (pinned in requirements.txt) are read, so the text is a function of the Python and torch versions (numpy, not
+# pinned, is left out); the cache key holds both versions and every file's size. Documents as for "builtin";
+# paragraphs already in the stdlib part and tool pragmas (type: ignore, noqa, mypy:, ...) are dropped.
+_TORCH_PRAGMA = re.compile(r"(type: ?ignore|noqa|mypy:|pyre-|pylint|isort:|fmt: ?(on|off|skip)|copyright)", re.I)
+
+
+def _torch_package_files() -> list[tuple[str, Path]]:
+    """("torch/<path>", absolute path) of every *.py file of the installed torch package (test folders skipped)."""
+    root = Path(torch.__file__).resolve().parent
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                p = Path(dirpath) / name
+                out.append(("torch/" + p.relative_to(root).as_posix(), p))
+    return sorted(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_torch_text_cached() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    train, valid = (list(x) for x in _builtin_text_cached())
+    seen = {hashlib.blake2b(p.encode(), digest_size=16).digest() for p in train + valid}
+    for rel, path in _torch_package_files():
+        target = valid if _stdlib_is_valid(rel) else train
+        for para in _python_file_paragraphs(path.read_bytes()):
+            h = hashlib.blake2b(para.encode(), digest_size=16).digest()
+            if not _TORCH_PRAGMA.search(para) and h not in seen:
+                seen.add(h)
+                target.append(para)
+    return tuple(train), tuple(valid)
+
+
+def builtin_torch_text() -> tuple[list[str], list[str]]:
+    """(train_documents, valid_documents): builtin_text() followed by the docstring paragraphs and comment blocks
+    of the installed torch (a file goes to "valid" by the same path hash). About 10 MB for torch 2.13.0."""
+    train, valid = _builtin_torch_text_cached()
+    return list(train), list(valid)
+
+
+def builtin_torch_text_key() -> list:
+    """What the builtin-torch text depends on: the Python and torch versions and every source file's size."""
+    return [sys.version, torch.__version__,
+            [(r, p.stat().st_size) for r, p in _stdlib_files() + _torch_package_files()]]
 
 
 # A small English-like language, generated. Words: real English; grammar: 8 sentence templates with number

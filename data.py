@@ -12,6 +12,7 @@ Nothing" (NeurIPS 2023). Settings implemented (appendix C):
 Sources (nothing is downloaded at run time):
 
     text    "builtin"           docstrings and comments of Python's own standard library (builtin_data.py)
+            "builtin-torch"     the same plus the docstrings and comments of the installed torch (builtin_data.py)
             "synthetic"         a generated English-like language with agreement and per-document entities
             "wikitext-103:DIR"  a WikiText-103 or WikiText-2 folder: wiki.{train,valid,test}.raw (preferred) or
             "wikitext-2:DIR"    .tokens, found in DIR or one sub-folder below it ("wikitext:DIR" also works)
@@ -533,6 +534,9 @@ def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, l
     """(cache name, {split: files}) for a source string."""
     if source == "builtin":
         return "builtin", _corpus_files("builtin-text", builtin_data.builtin_text_key(), builtin_data.builtin_text, cache_dir)
+    if source == "builtin-torch":
+        return "builtin-torch", _corpus_files("builtin-torch-text", builtin_data.builtin_torch_text_key(),
+                                              builtin_data.builtin_torch_text, cache_dir)
     if source == "synthetic":
         return "synthetic", _corpus_files("synthetic-text", builtin_data.synthetic_text_key(), builtin_data.synthetic_text,
                                           cache_dir)

@@ -425,6 +425,32 @@ def test_builtin_text(tmp_path):
     assert td.num_sequences("valid") > 100
 
 
+def test_builtin_torch_text(tmp_path, monkeypatch):
+    """"builtin-torch" = the stdlib documents, then the torch files' paragraphs (here 3 of torch's files, to stay
+    fast): deterministic, train/valid disjoint, no tool pragmas, cached on disk under a key with the torch version."""
+    files = [f for f in builtin_data._torch_package_files()
+             if f[0] in ("torch/nn/modules/linear.py", "torch/optim/adamw.py", "torch/nn/functional.py")]
+    assert len(files) == 3 and all(p.is_file() for _, p in files)
+    monkeypatch.setattr(builtin_data, "_torch_package_files", lambda: files)
+    builtin_data._builtin_torch_text_cached.cache_clear()
+    try:
+        train, valid = builtin_data.builtin_torch_text()
+        std_train, std_valid = builtin_data.builtin_text()
+        assert train[:len(std_train)] == std_train and valid[:len(std_valid)] == std_valid
+        extra = train[len(std_train):] + valid[len(std_valid):]
+        assert len(extra) > 50 and any("tensor" in p.lower() for p in extra)
+        assert not any(builtin_data._TORCH_PRAGMA.search(p) for p in extra)
+        assert not set(train) & set(valid) and len(set(train)) == len(train)
+        assert builtin_data.builtin_torch_text() == (train, valid)
+        td = data.load_text_data("builtin-torch", vocab_size=2048, seq_len=64, cache_dir=tmp_path)
+        assert td.source == "builtin-torch" and td.num_sequences("valid") > 10
+        cached = sorted(p.name for p in tmp_path.glob("builtin-torch-text-*.txt"))
+        assert len(cached) == 2 and cached[0].endswith(".train.txt")
+        assert (tmp_path / cached[0]).read_text(encoding="utf-8") == "\n".join(train) + "\n"
+    finally:
+        builtin_data._builtin_torch_text_cached.cache_clear()
+
+
 def test_synthetic_text_is_deterministic_and_grammatical(tmp_path):
     train, valid = builtin_data.synthetic_text(n_train=200, n_valid=20)
     assert (train, valid) == builtin_data.synthetic_text(n_train=200, n_valid=20)
