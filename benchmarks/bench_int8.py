@@ -48,9 +48,13 @@ def interleaved(fns: dict, rounds: int) -> dict:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights the linear layers compute with (FP32 weight, or int8 codes + scales + row sums)."""
+    """Bytes of the weights the linear layers compute with (FP32 weight, or int8 codes + scales + row sums); the
+    final layer PTQ leaves in FP (model.ptq_skip: the LM head, tied to the word embedding) is not counted."""
     n = 0
-    for m in model.modules():
+    skip = getattr(model, "ptq_skip", ())
+    for name, m in model.named_modules():
+        if name in skip:
+            continue
         if isinstance(m, int8.Int8Linear):
             n += sum(t.numel() * t.element_size() for t in (m.weight_codes, m.w_scale, m.rowsum))
         elif isinstance(m, nn.Linear):
@@ -96,7 +100,7 @@ def bench_model(preset: str, batch: int, n_batches: int, rounds: int) -> None:
     print(f"  FP32 {t['fp32']:.3f} s   simulated W8A8 {t['sim']:.3f} s ({t['fp32'] / t['sim']:.2f}x FP32's speed)   "
           f"integer W8A8 {t['int8']:.3f} s ({t['fp32'] / t['int8']:.2f}x FP32's speed)")
     print(f"  linear-layer weights: FP32 {weight_bytes(model) / 2**20:.1f} MiB, integer {weight_bytes(im) / 2**20:.1f} "
-          f"MiB (the word embedding, shared with the FP32 LM head, is not counted)")
+          f"MiB (the FP32 LM head, tied to the word embedding, is not counted)")
 
 
 def main():
