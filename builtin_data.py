@@ -61,17 +61,22 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_te
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
-    """(path relative to the stdlib, absolute path) of every *.py file of the standard library, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _python_files(root: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """(prefix + path relative to root, absolute path) of every *.py file below root, sorted; the site-packages,
+    test, tests, idle_test and __pycache__ folders skipped."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
         for name in filenames:
             if name.endswith(".py"):
                 p = Path(dirpath) / name
-                out.append((p.relative_to(root).as_posix(), p))
+                out.append((prefix + p.relative_to(root).as_posix(), p))
     return sorted(out)
+
+
+def _stdlib_files() -> list[tuple[str, Path]]:
+    """(path relative to the stdlib, absolute path) of every *.py file of the standard library, sorted."""
+    return _python_files(Path(sysconfig.get_paths()["stdlib"]))
 
 
 def _is_prose(text: str) -> bool:
@@ -215,15 +220,7 @@ _TORCH_PRAGMA = re.compile(r"(type: ?ignore|noqa|mypy:|pyre-|pylint|isort:|fmt: 
 
 def _torch_package_files() -> list[tuple[str, Path]]:
     """("torch/<path>", absolute path) of every *.py file of the installed torch package (test folders skipped)."""
-    root = Path(torch.__file__).resolve().parent
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
-        for name in filenames:
-            if name.endswith(".py"):
-                p = Path(dirpath) / name
-                out.append(("torch/" + p.relative_to(root).as_posix(), p))
-    return sorted(out)
+    return _python_files(Path(torch.__file__).resolve().parent, "torch/")
 
 
 @functools.lru_cache(maxsize=1)

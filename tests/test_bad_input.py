@@ -466,7 +466,7 @@ FUZZ = r"""
 import pickle, random, struct, sys
 import numpy as np, torch
 sys.path.insert(0, @REPO@)
-import data, hf_checkpoint as H
+import cifar, hf_checkpoint as H
 from pathlib import Path
 tmp = Path(@TMP@)
 r = random.Random(0)
@@ -478,7 +478,7 @@ batch = {b"batch_label": b"training batch 1 of 5", b"labels": [r.randrange(10) f
 sf = tmp / "ok.safetensors"
 H.write_safetensors(sf, {"a.weight": torch.randn(8, 4), "b": torch.arange(6), "c": torch.ones(3, dtype=torch.bfloat16)},
                     {"format": "pt"})
-files = [(pickle.dumps(batch, protocol=p), data._read_cifar_batch, data.DataError) for p in (2, 4, 5)]
+files = [(pickle.dumps(batch, protocol=p), cifar._read_cifar_batch, cifar.DataError) for p in (2, 4, 5)]
 files.append((sf.read_bytes(), H.read_safetensors, ValueError))
 counts = {}
 for i in range(n):
@@ -529,8 +529,8 @@ class _CraftedDtype:
 def test_crafted_dtype_state_is_a_data_error(tmp_path):
     """The crash of the issue came from a dtype state the old reader handed to numpy unchecked; the reader now
     builds dtypes only from a checked type code."""
-    import data
+    import cifar
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _CraftedDtype(), b"labels": [0, 1]}, protocol=2))
-    with pytest.raises(data.DataError, match="data_batch_1.*unreadable.*dtype state"):
-        data._read_cifar_batch(path)
+    with pytest.raises(cifar.DataError, match="data_batch_1.*unreadable.*dtype state"):
+        cifar._read_cifar_batch(path)

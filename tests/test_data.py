@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import builtin_data  # noqa: E402
+import cifar  # noqa: E402
 import data  # noqa: E402
 import tokenizer as T
 from data import DataError  # noqa: E402
@@ -483,7 +484,7 @@ def test_synthetic_text_is_deterministic_and_grammatical(tmp_path):
 def write_cifar(folder, n=4, skip=None, bad=None):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for name in data.CIFAR10_FILES:
+    for name in cifar.CIFAR10_FILES:
         if name == skip:
             continue
         d = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
