@@ -37,6 +37,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import baselines as B
 import quant as Q
 from checkpoint import atomic_write, check_writable, load_checkpoint, pick_device
 import audit_report
@@ -131,19 +132,19 @@ def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_si
     """A quantized copy of `model`, calibrated on `calib_batches` random training batches of PTQ seed `seed`.
 
     The post-hoc baselines (not the paper's method), on the same calibration batches: smoothquant=alpha first
-    folds SmoothQuant's factors into a copy of the model (quant.smooth_model, where the model's
+    folds SmoothQuant's factors into a copy of the model (baselines.smooth_model, where the model's
     `smoothquant_groups` allow); per_token quantizes every linear layer's input per token, dynamically
-    (quant.use_per_token_inputs)."""
+    (baselines.use_per_token_inputs)."""
     batches = [to_device(task.batch("train", s, calib_batch_size, seed=seed, augment=False), device)
                for s in calibration_steps(seed, calib_batches)]
     fwd = lambda m, b: m(**b)  # noqa: E731
     if smoothquant is not None:
         groups = model.smoothquant_groups()
-        absmax = Q.input_absmax(model, [consumers[0][0].rpartition(".")[0] for _, consumers in groups], batches, fwd)
-        model, _ = Q.smooth_model(model, groups, absmax, smoothquant)
+        absmax = B.input_absmax(model, [consumers[0][0].rpartition(".")[0] for _, consumers in groups], batches, fwd)
+        model, _ = B.smooth_model(model, groups, absmax, smoothquant)
     qmodel = Q.quantize_model(model, qcfg).to(device)
     if per_token:
-        Q.use_per_token_inputs(qmodel, batches[0], fwd)
+        B.use_per_token_inputs(qmodel, batches[0], fwd)
     Q.calibrate(qmodel, tqdm(batches, desc=f"calibrate seed {seed}", leave=False, disable=not progress), fwd)
     return qmodel
 

@@ -361,7 +361,7 @@ class _Transformer(nn.Module):
             self.wpe.weight.copy_(sinusoidal_positions(*self.wpe.weight.shape, rms=self.cfg.init_std))  # (T, d)
 
     def smoothquant_groups(self) -> list:
-        """Where SmoothQuant's per-channel factors fold in exactly (quant.smooth_model): [(producer, [(consumer
+        """Where SmoothQuant's per-channel factors fold in exactly (baselines.smooth_model): [(producer, [(consumer
         parameter, shape to view the K factors as), ...]), ...]. A producer qualifies when its output feeds only
         the listed consumers, linearly per channel:
           every block: v_proj -> o_proj (the context P V is linear in V, per channel; the gate multiplies it);

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import baselines as B
 import quant as Q
 from model import build_model, get_config
 
@@ -16,7 +17,7 @@ def test_per_token_known_answer():
     s0, s1 = torch.tensor(3.0) / 255, torch.tensor(0.5) / 255
     expect0 = (torch.round(x[0, 0] * (1 / s0)) + 85).clamp(0, 255).sub(85) * s0
     expect1 = torch.round(x[0, 1] * (1 / s1)).clamp(0, 255) * s1
-    out = Q.fake_quantize_per_token(x, 8)
+    out = B.fake_quantize_per_token(x, 8)
     assert torch.equal(out[0, 0], expect0) and torch.equal(out[0, 1], expect1)
     assert out[0, 1, 1] == 127 * s1 and out[0, 1, 2] == 0.5  # 0.25 / s1 = 127.4999..: code 127; the max is exact
 
@@ -29,17 +30,17 @@ def test_per_token_equals_torch_per_channel_op_along_tokens(bits):
     qmin, qmax = Q.quant_range(bits, symmetric=False)
     s, z = Q.choose_qparams(flat.amin(1), flat.amax(1), bits, symmetric=False)
     ref = torch.fake_quantize_per_channel_affine(flat, s, z, 0, qmin, qmax).reshape(x.shape)
-    assert torch.equal(Q.fake_quantize_per_token(x, bits), ref)
+    assert torch.equal(B.fake_quantize_per_token(x, bits), ref)
 
 
 def test_smoothing_factors_known_answer():
     act = torch.tensor([4.0, 1.0, 0.0])
     w = torch.tensor([1.0, 4.0, 2.0])
-    s = Q.smoothing_factors(act, w, alpha=0.5)  # sqrt(4) / sqrt(1), sqrt(1) / sqrt(4), eps-floored channel
+    s = B.smoothing_factors(act, w, alpha=0.5)  # sqrt(4) / sqrt(1), sqrt(1) / sqrt(4), eps-floored channel
     assert torch.allclose(s, torch.tensor([2.0, 0.5, (1e-5) ** 0.5 / 2 ** 0.5]))
-    assert torch.equal(Q.smoothing_factors(act, w, alpha=1.0), act.clamp_min(1e-5))
+    assert torch.equal(B.smoothing_factors(act, w, alpha=1.0), act.clamp_min(1e-5))
     with pytest.raises(ValueError, match="alpha"):
-        Q.smoothing_factors(act, w, alpha=1.5)
+        B.smoothing_factors(act, w, alpha=1.5)
 
 
 def test_smooth_model_folds_factors_by_hand():
@@ -53,7 +54,7 @@ def test_smooth_model_folds_factors_by_hand():
     act = {"1": torch.tensor([8.0, 2.0, 1.0, 4.0])}
     w_max = torch.maximum(net[1].weight.abs().amax(0), net.other.weight.abs().amax(0))
     s = (act["1"].sqrt() / w_max.sqrt())
-    smoothed, factors = Q.smooth_model(net, groups, act, alpha=0.5)
+    smoothed, factors = B.smooth_model(net, groups, act, alpha=0.5)
     assert torch.allclose(factors["0"], s)
     assert torch.allclose(smoothed[0].weight, net[0].weight / s) and torch.allclose(smoothed[0].bias, net[0].bias / s)
     assert torch.allclose(smoothed[1].weight, net[1].weight * s) and torch.allclose(smoothed.other.weight,
@@ -81,8 +82,8 @@ def test_smoothing_leaves_the_fp_model_unchanged(preset, mode, extra):
     batch = (dict(images=torch.randn(4, 3, 32, 32, generator=g)) if cfg.arch == "vit" else
              dict(input_ids=torch.randint(5, cfg.vocab_size, (4, cfg.max_seq_len), generator=g)))
     groups = model.smoothquant_groups()
-    absmax = Q.input_absmax(model, [c[0][0].rpartition(".")[0] for _, c in groups], [batch], lambda m, b: m(**b))
-    smoothed, factors = Q.smooth_model(model, groups, absmax, alpha=0.5)
+    absmax = B.input_absmax(model, [c[0][0].rpartition(".")[0] for _, c in groups], [batch], lambda m, b: m(**b))
+    smoothed, factors = B.smooth_model(model, groups, absmax, alpha=0.5)
     assert any((s - 1).abs().max() > 0.1 for s in factors.values())
     with torch.no_grad():
         y, ys = model(**batch)[0], smoothed(**batch)[0]
@@ -95,10 +96,10 @@ def test_per_token_inputs_replace_only_the_quantizers_of_linear_inputs():
     model = build_model(cfg).eval()
     batch = dict(input_ids=torch.randint(5, cfg.vocab_size, (2, 16)))
     qmodel = Q.quantize_model(model, Q.QuantConfig(skip=tuple(model.ptq_skip)))
-    names = Q.use_per_token_inputs(qmodel, batch, lambda m, b: m(**b))
+    names = B.use_per_token_inputs(qmodel, batch, lambda m, b: m(**b))
     # pre-LN: ln1 -> q, k, v; the attention context -> o_proj; ln2 -> fc1; the ReLU output (act slot) -> fc2
     assert names == ["blocks.0.act", "blocks.0.attn.attn_context", "blocks.0.ln1.output_quantizer",
                      "blocks.0.ln2.output_quantizer"]
-    assert all(isinstance(qmodel.get_submodule(n), Q.PerTokenActQuantizer) for n in names)
+    assert all(isinstance(qmodel.get_submodule(n), B.PerTokenActQuantizer) for n in names)
     Q.calibrate(qmodel, [batch], lambda m, b: m(**b))
     assert torch.isfinite(qmodel(**batch)[0]).all()
