@@ -42,6 +42,7 @@ import ast
 import functools
 import hashlib
 import inspect
+import lzma
 import os
 import random
 import re
@@ -54,7 +55,7 @@ import torch
 
 from tokenizer import DataError
 
-__all__ = ["builtin_text", "builtin_text_key", "builtin_torch_text", "builtin_torch_text_key", "synthetic_text", "synthetic_text_key", "BUILTIN_SHAPES", "render_shapes"]
+__all__ = ["builtin_text", "builtin_text_key", "builtin_torch_text", "builtin_torch_text_key", "builtin_wiki_text", "builtin_wiki_text_key", "synthetic_text", "synthetic_text_key", "BUILTIN_SHAPES", "render_shapes"]
 
 
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -248,6 +249,53 @@ def builtin_torch_text_key() -> list:
     """What the builtin-torch text depends on: the Python and torch versions and every source file's size."""
     return [sys.version, torch.__version__,
             [(r, p.stat().st_size) for r, p in _stdlib_files() + _torch_package_files()]]
+
+
+# -- "builtin-wiki": 104 English Wikipedia articles, shipped compressed ----------------------------------------
+# Real encyclopaedic English prose, the paper's own domain (WikiText-103 is Wikipedia), 2.8 MB. Built once by
+# scripts/build_wiki_excerpt.py from the Wikipedia dump excerpt gensim 4.4.0 ships as test data; licence CC BY-SA
+# 3.0 (corpora/README.md). WikiText-103's raw layout: " = Title = " lines, " = = Heading = = " lines, one paragraph
+# per line; every line is one document, as for WikiText. An article goes to "valid" when the first byte of
+# blake2b(its title) is divisible by 10 (10 of the 104 articles).
+WIKI_EXCERPT = Path(__file__).resolve().parent / "corpora" / "enwiki-excerpt.txt.xz"
+
+
+def _wiki_is_valid(title: str) -> bool:
+    return hashlib.blake2b(title.encode(), digest_size=8).digest()[0] % 10 == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_wiki_text_cached() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        text = lzma.decompress(WIKI_EXCERPT.read_bytes()).decode("utf-8")
+    except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the built-in Wikipedia text {WIKI_EXCERPT}: {e}; it ships with the project "
+                        f"(restore it with git, or rebuild it with scripts/build_wiki_excerpt.py)") from e
+    train: list[str] = []
+    valid: list[str] = []
+    target = train
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith(" = ") and not line.startswith(" = = "):  # an article's title line
+            target = valid if _wiki_is_valid(line.strip(" =")) else train
+        target.append(line.strip())
+    if not train or not valid:
+        raise DataError(f"the built-in Wikipedia text {WIKI_EXCERPT} holds no articles; rebuild it with "
+                        f"scripts/build_wiki_excerpt.py")
+    return tuple(train), tuple(valid)
+
+
+def builtin_wiki_text() -> tuple[list[str], list[str]]:
+    """(train_documents, valid_documents): the lines (titles, headings, paragraphs) of 104 English Wikipedia
+    articles of May 2016 (94 train / 10 valid articles), 2.8 MB."""
+    train, valid = _builtin_wiki_text_cached()
+    return list(train), list(valid)
+
+
+def builtin_wiki_text_key() -> list:
+    """What the built-in Wikipedia text depends on: the shipped file's bytes."""
+    return ["enwiki-excerpt", hashlib.sha256(WIKI_EXCERPT.read_bytes()).hexdigest() if WIKI_EXCERPT.is_file() else None]
 
 
 # A small English-like language, generated. Words: real English; grammar: 8 sentence templates with number

@@ -13,6 +13,7 @@ Sources (nothing is downloaded at run time):
 
     text    "builtin"           docstrings and comments of Python's own standard library (builtin_data.py)
             "builtin-torch"     the same plus the docstrings and comments of the installed torch (builtin_data.py)
+            "builtin-wiki"      104 English Wikipedia articles (May 2016, CC BY-SA), shipped in corpora/ (builtin_data.py)
             "synthetic"         a generated English-like language with agreement and per-document entities
             "wikitext-103:DIR"  a WikiText-103 or WikiText-2 folder: wiki.{train,valid,test}.raw (preferred) or
             "wikitext-2:DIR"    .tokens, found in DIR or one sub-folder below it ("wikitext:DIR" also works)
@@ -536,6 +537,9 @@ def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, l
     if source == "builtin-torch":
         return "builtin-torch", _corpus_files("builtin-torch-text", builtin_data.builtin_torch_text_key(),
                                               builtin_data.builtin_torch_text, cache_dir)
+    if source == "builtin-wiki":
+        return "builtin-wiki", _corpus_files("builtin-wiki-text", builtin_data.builtin_wiki_text_key(),
+                                             builtin_data.builtin_wiki_text, cache_dir)
     if source == "synthetic":
         return "synthetic", _corpus_files("synthetic-text", builtin_data.synthetic_text_key(), builtin_data.synthetic_text,
                                           cache_dir)
@@ -558,6 +562,7 @@ def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, l
     return f"wikitext-{path.name}", splits
 
 
+BUILTIN_SOURCES = ("builtin", "builtin-wiki", "builtin-torch", "synthetic")  # names, not paths
 PATH_PREFIXES = ("wikitext-103", "wikitext-2", "wikitext", "text", "cifar10", "cifar-10")
 
 
@@ -566,7 +571,7 @@ def absolute_source(source: str) -> str:
     from any working directory: "corpus.txt" -> "/home/me/corpus.txt", "wikitext-103:data/wt" ->
     "wikitext-103:/home/me/data/wt", "cifar10:DIR" likewise. "builtin", "synthetic" and an empty path stay as they
     are; nothing is checked for existence here (loading does that)."""
-    if source in ("", "builtin", "synthetic"):
+    if source in ("", *BUILTIN_SOURCES):
         return source
     prefix, sep, rest = source.partition(":")
     if sep and prefix in PATH_PREFIXES:

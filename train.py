@@ -248,7 +248,7 @@ HELP = {
     "pad_id": "padding token id", "image_size": "image side in pixels", "patch_size": "patch side in pixels",
     "n_channels": "image channels", "n_classes": "classes", "patch_ln": "ViT: LayerNorm after the patch "
     "embedding (appendix B.4)", "label_smoothing": "ViT: label smoothing",
-    "data": "builtin (stdlib text) | builtin-torch (stdlib + torch docstrings) | synthetic (generated English-like text) | wikitext-103:DIR | wikitext-2:DIR | a .txt file or folder | cifar10:DIR",
+    "data": "builtin-wiki (104 Wikipedia articles, shipped) | builtin (stdlib text) | builtin-torch (stdlib + torch docstrings) | synthetic (generated English-like text) | wikitext-103:DIR | wikitext-2:DIR | a .txt file or folder | cifar10:DIR",
     "vocab_file": "WordPiece vocab.txt to use (e.g. BERT's); default: build one from the training text",
     "steps": "optimizer steps", "batch_size": "global batch (sequences or images) per optimizer step",
     "grad_accum": "micro-batches per step", "lr": "peak learning rate", "min_lr": "final learning rate",

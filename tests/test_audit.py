@@ -91,8 +91,8 @@ def test_headless_model_is_the_body(arch):
 
 def test_absolute_source(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for s in ("builtin", "synthetic", "", "cifar10:"):
-        assert data.absolute_source(s) == s
+    for s in ("builtin", "builtin-wiki", "builtin-torch", "synthetic", "", "cifar10:"):
+        assert data.absolute_source(s) == s  # names of built-in sources are not paths
     assert data.absolute_source("corpus.txt") == str(tmp_path / "corpus.txt")
     assert data.absolute_source("wikitext-103:wt") == f"wikitext-103:{tmp_path / 'wt'}"
     assert data.absolute_source("cifar10:../c") == f"cifar10:{tmp_path.parent / 'c'}"

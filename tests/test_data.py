@@ -452,6 +452,33 @@ def test_builtin_torch_text(tmp_path, monkeypatch):
         builtin_data._builtin_torch_text_cached.cache_clear()
 
 
+def test_builtin_wiki_text(tmp_path):
+    """"builtin-wiki" = the shipped Wikipedia excerpt: WikiText-103's raw layout, split by article (title hash),
+    deterministic, real prose with the paper's delimiters, cached on disk under a key of the file's bytes."""
+    train, valid = builtin_data.builtin_wiki_text()
+    titles = [ln for ln in train + valid if ln.startswith("= ") and ln.endswith(" =") and not ln.startswith("= =")]
+    assert len(titles) == 104 and train[0] == "= Anarchism =" and valid[0].startswith("= ")
+    assert 8 <= sum(t in valid for t in titles) <= 12
+    assert not set(titles[:1]) & set(valid) and builtin_data.builtin_wiki_text() == (train, valid)
+    assert 2_300_000 < sum(map(len, train)) < 2_700_000 and "{{" not in " ".join(train) and "[[" not in " ".join(train)
+    td = data.load_text_data("builtin-wiki", vocab_size=2048, seq_len=64, cache_dir=tmp_path)
+    assert td.source == "builtin-wiki" and td.num_sequences("valid") > 500
+    stream = np.asarray(td.tokens["train"])
+    assert np.isin(stream, td.tokenizer.delimiter_ids).mean() > 0.04  # [SEP] . , : 5% here
+    cached = sorted(p.name for p in tmp_path.glob("builtin-wiki-text-*.txt"))
+    assert len(cached) == 2 and (tmp_path / cached[0]).read_text(encoding="utf-8") == "\n".join(train) + "\n"
+
+
+def test_builtin_wiki_missing_file_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin_data, "WIKI_EXCERPT", tmp_path / "gone.txt.xz")
+    builtin_data._builtin_wiki_text_cached.cache_clear()
+    try:
+        with pytest.raises(data.DataError, match="build_wiki_excerpt"):
+            builtin_data.builtin_wiki_text()
+    finally:
+        builtin_data._builtin_wiki_text_cached.cache_clear()
+
+
 def test_synthetic_text_is_deterministic_and_grammatical(tmp_path):
     train, valid = builtin_data.synthetic_text(n_train=200, n_valid=20)
     assert (train, valid) == builtin_data.synthetic_text(n_train=200, n_valid=20)
