@@ -1,5 +1,6 @@
 """The built-in data: text and images every machine that runs the project has, nothing downloaded.
 
+    builtin_wiki_text  real English prose: 104 Wikipedia articles shipped in corpora/ (the main job's text)
     builtin_text    real English: the docstrings and comments of Python's standard library
     synthetic_text  a generated English-like language (a pure function of its seed)
     render_shapes   pictures of 10 simple shapes (data.builtin_images draws the dataset with it)

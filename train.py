@@ -92,11 +92,11 @@ RECIPES = {
     "bert-6l": replace(_BERT, steps=500_000, batch_size=128),  # section 5.2: 500k steps, batch 128, WikiText-103
     "opt-125m": _OPT,
     "vit-s16": _VIT,
-    "bert-small": replace(_BERT, data="synthetic", steps=4000, batch_size=16, lr=1e-3, warmup_steps=300,
+    "bert-small": replace(_BERT, data="builtin-wiki", steps=4000, batch_size=16, lr=1e-3, warmup_steps=300,
                           eval_interval=500, eval_batches=20, ckpt_interval=500, log_interval=50),
     "bert-mid": replace(_BERT, steps=6000, batch_size=32, lr=1e-3, warmup_steps=500, eval_interval=500,
                         eval_batches=20, ckpt_interval=500),
-    "opt-small": replace(_OPT, steps=2000, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=200,
+    "opt-small": replace(_OPT, data="builtin-wiki", steps=2000, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=200,
                          eval_interval=500, eval_batches=20, ckpt_interval=500),
     "vit-small": replace(_VIT, data="builtin", steps=2000, batch_size=32, lr=1e-3, min_lr=1e-5,
                          warmup_steps=200, eval_interval=500, eval_batches=20, ckpt_interval=500),

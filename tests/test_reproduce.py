@@ -90,3 +90,34 @@ def test_reproduce_baselines_on_the_same_checkpoints(tmp_path):
     assert len({x["fp"] for x in results}) == 1  # the same checkpoint under every method
     assert results[1]["ptq_method"]["smoothquant"] == 0.5
     assert results[2]["ptq_method"] == {"weights": "per-channel", "activations": "per-token inputs", "smoothquant": None}
+
+
+def test_reproduce_seeds_writes_every_seed_and_the_mean(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "seeds"
+    r = run_repro(tmp_path, "--rows", "vanilla", "gated_linear", "--seeds", "0", "1", "--steps", "3",
+                  "--ptq-seeds", "1", "--jobs", "2", "--out", str(out), "--train-args", f"{TINY} --data {corpus}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for s in (0, 1):
+        res = json.loads((out / f"seed-{s}" / "results.json").read_text())
+        assert [x["row"] for x in res] == ["vanilla", "gated_linear"]
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["mean_std"]) == {"vanilla", "gated_linear"}
+    fp0, fp1 = (summary["per_seed"][str(s)]["vanilla"]["fp"] for s in (0, 1))
+    assert fp0 != fp1  # two training seeds, two models
+    mean, std = summary["mean_std"]["vanilla"]["fp"]
+    assert abs(mean - (fp0 + fp1) / 2) < 1e-9 and abs(std - abs(fp0 - fp1) / 2 ** 0.5) < 1e-9
+    text = (out / "seeds.md").read_text()
+    assert "## Every training seed" in text and "## Mean ± std over training seeds 0, 1" in text
+
+
+def test_effect_checks_known_answers():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import reproduce as R
+    soft = {"fp": 30.0, "ffn": 20.0, "gap_W8A6": 15.0, "shuffle_ratio": 5.0}
+    good = {"fp": 31.0, "ffn": 9.0, "gap_W8A6": 4.0, "shuffle_ratio": 4.0}
+    assert all(ok for _, ok in R.effect_checks(soft, soft)) and all(ok for _, ok in R.effect_checks(good, soft))
+    bad = {"fp": 32.0, "ffn": 11.0, "gap_W8A6": 6.0, "shuffle_ratio": 2.0}  # +6.7% FP, 1.8x cut, gap 0.4x, 2x
+    assert [ok for _, ok in R.effect_checks(bad, soft)] == [False, False, False, False]
+    weak = {**soft, "gap_W8A6": 9.9}  # softmax without a clear 6-bit gap
+    assert [ok for _, ok in R.effect_checks(weak, weak)] == [True, False]
