@@ -266,13 +266,14 @@ def row_figures(r):
             "shuffle_ratio": shuffled / fp if shuffled else None, "ppl": ppl}
 
 
-def effect_checks(fig, ref):
-    """[(check, passed)] for one row's figures `fig` against the softmax row's `ref` of the same seed."""
+def effect_checks(fig, ref=None):
+    """[(check, passed)] for one row's figures `fig`: the softmax row's checks when `ref` is None, else a method's
+    checks against `ref`, the softmax row of the same seed."""
     gap = fig.get(f"gap_{CHECK_BITS}")
     checks = []
     if fig["shuffle_ratio"] is not None:
         checks.append((f"shuffled >= {MIN_SHUFFLE_RATIO:g}x", fig["shuffle_ratio"] >= MIN_SHUFFLE_RATIO))
-    if fig is ref:
+    if ref is None:
         checks.append((f"{CHECK_BITS} gap >= +{MIN_SOFTMAX_GAP:g}%", gap >= MIN_SOFTMAX_GAP))
     else:
         checks += [(f"{CHECK_BITS} gap <= softmax's / 3", gap <= MAX_GAP_FRACTION * ref[f"gap_{CHECK_BITS}"]),
@@ -299,7 +300,7 @@ def write_seed_summary(out, rows, seeds):
             if fig is None:
                 continue
             ref = per_seed[seed].get("vanilla")
-            checks = effect_checks(fig, ref) if ref is not None and fig["ppl"] else []
+            checks = [] if ref is None or not fig["ppl"] else effect_checks(fig, None if name == "vanilla" else ref)
             all_pass &= all(ok for _, ok in checks)
             failed = [c for c, ok in checks if not ok]
             cells = [desc, str(seed), f"{fig['fp']:.2f}", f"{fig['ffn']:.1f}", f"{fig['max']:.1f}"]
