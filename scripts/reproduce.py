@@ -229,8 +229,7 @@ def write_baselines(out, rows, seconds):
             for b in BASELINE_BITS:
                 v = r["ptq"][b]
                 gap = [(x / fp - 1) * 100 if m == "ppl" else x - fp for x in v["values"]]
-                mean = sum(gap) / len(gap)
-                std = (sum((g - mean) ** 2 for g in gap) / max(len(gap) - 1, 1)) ** 0.5
+                mean, std = mean_std(gap)
                 gaps.append(f"{mean:+.1f} ± {std:.1f}{'%' if m == 'ppl' else ''}")
             lines.append(f"| {desc} | {mdesc} | {fp:.2f} | " + " | ".join(gaps) + " |")
             results.append({"row": row, "method": method, "fp": fp, "ptq": r["ptq"], "ptq_method": r["ptq_method"]})
@@ -315,11 +314,7 @@ def write_seed_summary(out, rows, seeds):
         figs = [per_seed[s][name] for s in seeds if name in per_seed[s]]
         if not figs:
             continue
-        def ms(key):
-            v = [f[key] for f in figs]
-            m = sum(v) / len(v)
-            return m, (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
-        summary[name] = {k: ms(k) for k in ["fp", "ffn"] + [f"gap_{b}" for b in bits]}
+        summary[name] = {k: mean_std([f[k] for f in figs]) for k in ["fp", "ffn"] + [f"gap_{b}" for b in bits]}
         cells = [desc, str(len(figs)), "{:.2f} ± {:.2f}".format(*summary[name]["fp"]),
                  "{:.1f} ± {:.1f}".format(*summary[name]["ffn"])]
         cells += ["{:+.1f} ± {:.1f}".format(*summary[name][f"gap_{b}"]) + ("%" if figs[0]["ppl"] else "") for b in bits]
@@ -335,6 +330,12 @@ def write_seed_summary(out, rows, seeds):
         f.write(text)
     with open(os.path.join(out, "seeds.json"), "w") as f:
         json.dump({"seeds": seeds, "per_seed": per_seed, "mean_std": summary, "all_checks_pass": all_pass}, f, indent=1)
+
+
+def mean_std(values):
+    """(mean, sample standard deviation; 0 for a single value) of a list of numbers."""
+    m = sum(values) / len(values)
+    return m, (sum((x - m) ** 2 for x in values) / max(len(values) - 1, 1)) ** 0.5
 
 
 def earlier_minutes(out, name):
