@@ -414,6 +414,11 @@ OBJECTIVES = ("mlm", "clm")
 # consecutive tokens. "cls_sep" (BERT's original pre-training format, not the paper's BERT-6L): T - 2 consecutive
 # tokens wrapped as [CLS] window [SEP], so every sequence starts with [CLS] and ends with [SEP].
 SEQ_FORMATS = ("stream", "cls_sep")
+# Where training sequences start. "fixed" (default; the paper): the training split is cut into consecutive
+# sequences, each seen once per epoch. "random" (not in the paper): a sequence may start at any token (stride 1),
+# so an epoch of random windows covers every offset. Validation always uses the fixed sequences.
+WINDOWS = ("fixed", "random")
+VOCAB_KINDS = ("wordpiece", "word")  # a vocabulary built from the text: BERT's subwords | whole words + characters
 
 
 @dataclass
@@ -429,6 +434,7 @@ class TextData:
     source: str = ""
     mlm_probability: float = 0.15
     seq_format: str = "stream"      # SEQ_FORMATS: "stream" (T stream tokens) | "cls_sep" ([CLS] T-2 tokens [SEP])
+    windows: str = "fixed"          # WINDOWS: training sequences at fixed offsets | at any token ("random")
     _datasets: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -437,13 +443,16 @@ class TextData:
         if self.seq_format == "cls_sep" and (self.tokenizer.cls_id is None or self.tokenizer.sep_id is None
                                              or self.seq_len < 3):
             raise ValueError("seq_format='cls_sep' needs a tokenizer with [CLS] and [SEP] and seq_len >= 3")
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows={self.windows!r} is invalid: choose one of {WINDOWS}")
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     def dataset(self, split: str, objective: str = "mlm") -> TokenDataset:
-        """The fixed-length sequences of a split: length T for "mlm", T + 1 with stride T for "clm"."""
+        """The fixed-length sequences of a split: length T for "mlm", T + 1 with stride T for "clm"; with
+        windows="random" the training split's sequences start at every token (stride 1)."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if split not in self.tokens:
@@ -455,7 +464,8 @@ class TextData:
         if key not in self._datasets:
             extra = 1 if objective == "clm" else 0
             inner = self.seq_len - 2 if self.seq_format == "cls_sep" else self.seq_len  # cls_sep: room for 2
-            ds = TokenDataset(self.tokens[split], inner + extra, inner)
+            stride = 1 if (self.windows == "random" and split == "train") else inner
+            ds = TokenDataset(self.tokens[split], inner + extra, stride)
             if len(ds) == 0:
                 raise DataError(f"{self.source} {split}: {len(self.tokens[split])} tokens, fewer than one sequence "
                                 f"of {self.seq_len + extra}")
@@ -582,7 +592,8 @@ def absolute_source(source: str) -> str:
 def load_text_data(source: str = "builtin",
                    tokenizer: WordPieceTokenizer | ByteLevelBPETokenizer | str | os.PathLike | None = None,
                    vocab_size: int = 8192, seq_len: int = 128, cache_dir: str | os.PathLike | None = None,
-                   lowercase: bool = True, seq_format: str = "stream") -> TextData:
+                   lowercase: bool = True, seq_format: str = "stream", windows: str = "fixed",
+                   vocab_kind: str = "wordpiece") -> TextData:
     """Load (and cache) a text source as token streams.
 
     source: "builtin" | "wikitext-103:DIR" | "wikitext-2:DIR" | a folder | a UTF-8 text file (see module docstring).
@@ -594,27 +605,33 @@ def load_text_data(source: str = "builtin",
     lowercase: BERT-uncased style lower-casing for a built vocabulary (a loaded vocab.txt infers it, see
         WordPieceTokenizer.load).
     seq_format: "stream" (T consecutive tokens, the default) or "cls_sep" ([CLS] T - 2 tokens [SEP], masked LM
-        only); see SEQ_FORMATS.
+        only); see SEQ_FORMATS. windows: "fixed" or "random" training sequences; see WINDOWS.
+    vocab_kind: for a built vocabulary, "wordpiece" (BERT's subwords) or "word" (whole words and single characters
+        only: a word outside the vocabulary becomes [UNK]); see WordPieceTokenizer.build.
     cache_dir: where token memmaps and built vocabularies live (default $QT_DATA_CACHE or
         ~/.cache/quantizable-transformers). A cache entry is keyed by the source files' paths, sizes and mtimes and
         the tokenizer hash; a second run loads it in well under a second.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
     name, splits = _resolve_text_source(source, cache_dir)
+    if vocab_kind not in VOCAB_KINDS:
+        raise ValueError(f"vocab_kind={vocab_kind!r} is invalid: choose one of {VOCAB_KINDS}")
     if tokenizer is None:
-        key = hashlib.sha256(json.dumps([CACHE_FORMAT, [f.key() for f in splits["train"]], vocab_size, lowercase])
+        parts = [CACHE_FORMAT, [f.key() for f in splits["train"]], vocab_size, lowercase]
+        key = hashlib.sha256(json.dumps(parts + ([vocab_kind] if vocab_kind != "wordpiece" else []))
                              .encode()).hexdigest()[:16]
         vocab_path = cache_dir / f"vocab-{name}-{key}.txt"
         if vocab_path.is_file():
             tokenizer = WordPieceTokenizer.load(vocab_path, lowercase=lowercase)
         else:
             tokenizer = WordPieceTokenizer.build(_iter_documents(splits["train"], desc="building vocabulary"),
-                                                 vocab_size, lowercase)
+                                                 vocab_size, lowercase, whole_words=vocab_kind == "word")
             tokenizer.save(vocab_path)
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     tokens = {s: _cached_tokens(name, s, files, tokenizer, cache_dir) for s, files in splits.items()}
-    return TextData(tokenizer=tokenizer, seq_len=seq_len, tokens=tokens, source=source, seq_format=seq_format)
+    return TextData(tokenizer=tokenizer, seq_len=seq_len, tokens=tokens, source=source, seq_format=seq_format,
+                    windows=windows)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -817,7 +834,8 @@ class Task:
 
     def __init__(self, arch: str, source: str = "builtin", vocab: str = "", vocab_size: int = 8192,
                  seq_len: int = 128, image_size: int = 32, n_classes: int | None = None,
-                 cache_dir: str | None = None, image_mean=None, image_std=None, seq_format: str = "stream"):
+                 cache_dir: str | None = None, image_mean=None, image_std=None, seq_format: str = "stream",
+                 windows: str = "fixed", vocab_kind: str = "wordpiece"):
         if arch not in TASKS:
             raise ValueError(f"arch={arch!r}: expected one of {sorted(TASKS)}")
         self.arch = arch
@@ -831,7 +849,8 @@ class Task:
                                  f"{n_classes}: pass --n-classes {self.data.num_classes}")
         else:
             self.data = load_text_data(source, tokenizer=vocab or None, vocab_size=vocab_size, seq_len=seq_len,
-                                       cache_dir=cache_dir, seq_format=seq_format)
+                                       cache_dir=cache_dir, seq_format=seq_format, windows=windows,
+                                       vocab_kind=vocab_kind)
             self.tokenizer = self.data.tokenizer
             if self.tokenizer.vocab_size > vocab_size:
                 raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
@@ -839,7 +858,8 @@ class Task:
 
     @classmethod
     def for_config(cls, cfg, source: str = "builtin", vocab: str = "", cache_dir: str | None = None,
-                   image_mean=None, image_std=None, seq_format: str = "stream") -> "Task":
+                   image_mean=None, image_std=None, seq_format: str = "stream", windows: str = "fixed",
+                   vocab_kind: str = "wordpiece") -> "Task":
         """The task a model config trains on (any object with arch and the fields of its architecture). A model
         without a head (cfg.head False) needs no labels, so a ViT's n_classes is not checked against the data."""
         if cfg.arch == "vit":
@@ -847,7 +867,7 @@ class Task:
             return cls("vit", source, image_size=cfg.image_size, n_classes=n_classes, image_mean=image_mean,
                        image_std=image_std)
         return cls(cfg.arch, source, vocab=vocab, vocab_size=cfg.vocab_size, seq_len=cfg.max_seq_len,
-                   cache_dir=cache_dir, seq_format=seq_format)
+                   cache_dir=cache_dir, seq_format=seq_format, windows=windows, vocab_kind=vocab_kind)
 
     @classmethod
     def for_run(cls, cfg, run_dir: str, train_config: dict, source: str = "") -> "Task":
@@ -862,7 +882,8 @@ class Task:
                 raise FileNotFoundError(f"{vocab} is missing: the tokenizer saved with the checkpoint is needed")
         return cls.for_config(cfg, source, vocab, image_mean=train_config.get("image_mean"),
                               image_std=train_config.get("image_std"),
-                              seq_format=train_config.get("seq_format", "stream"))
+                              seq_format=train_config.get("seq_format", "stream"),
+                              windows=train_config.get("windows", "fixed"))
 
     def batch(self, split, step, batch_size, seed, rank=0, world_size=1, augment=None):
         """The batch of `step` (a pure function of seed and step); rank r of world_size takes its shard."""

@@ -462,6 +462,9 @@ def check_exportable(cfg) -> None:
     if cfg.arch == "vit" and cfg.patch_ln:
         raise ValueError("patch_ln=True cannot be exported: Hugging Face's ViT has no LayerNorm after the patch "
                          "embedding")
+    if cfg.arch == "bert" and cfg.head and cfg.mlm_head != "bert":
+        raise ValueError(f"mlm_head={cfg.mlm_head!r} cannot be exported: Hugging Face's BertForMaskedLM has BERT's "
+                         f"transform and a decoder tied to the word embedding")
     if cfg.arch == "opt" and cfg.ln_eps != 1e-5:
         raise ValueError(f"ln_eps={cfg.ln_eps!r} cannot be exported: Hugging Face's OPT fixes LayerNorm eps at 1e-5")
 

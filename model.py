@@ -45,6 +45,7 @@ from attention import SelfAttention, check_attention_args
 
 # ----------------------------------------------------------------------------------------------------- configs
 POS_INITS = ("normal", "sinusoidal")
+MLM_HEADS = ("bert", "linear")
 
 
 @dataclass
@@ -99,9 +100,13 @@ class BertConfig(TransformerConfig):
     max_seq_len: int = 128       # the paper trains at 128 throughout (HF BERT has 512 positions)
     type_vocab_size: int = 2
     pad_id: int = 0
+    mlm_head: str = "bert"       # "bert": dense + GELU + LayerNorm, then a decoder tied to the word embedding (C.1)
+                                 # | "linear" (not in the paper): one untied Linear(d_model, vocab), no transform
 
     def __post_init__(self):
         _check_vocab(self)
+        if self.mlm_head not in MLM_HEADS:
+            raise ValueError(f"mlm_head={self.mlm_head!r} is invalid: choose one of {MLM_HEADS}")
         super().__post_init__()
 
 
@@ -378,7 +383,7 @@ class _Transformer(nn.Module):
                 groups.append((p + "ln1", [(p + f"attn.{x}_proj.weight", (1, -1)) for x in "qkv"]
                                + self._gate_consumers(block.attn, p + "attn.gate.")))
                 groups.append((p + "ln2", [(p + "fc1.weight", (1, -1))]))
-        if isinstance(self, BertMLM) and self.cfg.head:
+        if isinstance(self, BertMLM) and self.cfg.head and self.cfg.mlm_head == "bert":
             groups.append((f"blocks.{len(self.blocks) - 1}.ln2", [("head_dense.weight", (1, -1))]))
         return groups
 
@@ -422,12 +427,14 @@ class BertMLM(_Transformer):
         self.emb_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self._make_blocks(cfg, pre_ln=False, activation="gelu", causal=False)
-        if cfg.head:  # MLM head (BERT's "transform" then a decoder tied to the word embedding)
+        if cfg.head and cfg.mlm_head == "bert":  # MLM head: BERT's "transform", then a decoder tied to the embedding
             self.head_dense = nn.Linear(d, d)
             self.head_act = nn.Identity()  # slot: GELU output
             self.head_ln = nn.LayerNorm(d, eps=cfg.ln_eps)
             self.lm_head = nn.Linear(d, cfg.vocab_size)
             self.lm_head.weight = self.wte.weight  # tied
+        elif cfg.head:  # mlm_head="linear": an untied linear decoder straight from the last block
+            self.lm_head = nn.Linear(d, cfg.vocab_size)
         self.init_weights()
         with torch.no_grad():
             self.wte.weight[cfg.pad_id].zero_()
@@ -443,6 +450,8 @@ class BertMLM(_Transformer):
         return self._run_blocks(x, attention_mask, record)
 
     def forward_head(self, h):
+        if self.cfg.mlm_head == "linear":
+            return self.lm_head(h)
         return self.lm_head(self.head_ln(self.head_act(F.gelu(self.head_dense(h)))))
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, record=None):

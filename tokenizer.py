@@ -140,13 +140,16 @@ class WordPieceTokenizer:
     # -- construction ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, lines: Iterable[str], vocab_size: int = 8192, lowercase: bool = True) -> "WordPieceTokenizer":
+    def build(cls, lines: Iterable[str], vocab_size: int = 8192, lowercase: bool = True,
+              whole_words: bool = False) -> "WordPieceTokenizer":
         """Build a vocabulary from training text, deterministically (same text -> same vocab.txt, byte for byte).
 
         Order: the 5 special tokens ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4); every character seen, as "c"
         and, for characters seen inside a word, "##c" (so every word of the training alphabet is representable),
         ordered by count then alphabetically; then the most frequent whole words of two or more characters (ties
         broken alphabetically) up to `vocab_size`. If even the characters do not fit, the rarest are left out.
+        whole_words=True (a word-level vocabulary, not BERT's): no "##c" pieces, so a word outside the vocabulary
+        cannot be spelled and becomes one [UNK]; punctuation and other single characters stay tokens.
         """
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
@@ -169,7 +172,9 @@ class WordPieceTokenizer:
         chars: Counter = Counter()
         for c in set(first_chars) | set(inner_chars):
             chars[c] = first_chars[c] + inner_chars[c]
-        char_tokens = [(n, c) for c, n in chars.items()] + [(n, "##" + c) for c, n in inner_chars.items()]
+        char_tokens = [(n, c) for c, n in chars.items()]
+        if not whole_words:
+            char_tokens += [(n, "##" + c) for c, n in inner_chars.items()]
         char_tokens.sort(key=lambda t: (-t[0], t[1]))
         vocab = list(SPECIAL_TOKENS)
         vocab += [t for _, t in char_tokens[: vocab_size - len(vocab)]]

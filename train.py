@@ -66,6 +66,10 @@ class TrainConfig:
     short_seq_steps: int = 0        #   length (each T-token sequence cut into pieces; 0, 0: off). See split_sequences
     seq_format: str = "stream"      # BERT: "stream" (T consecutive tokens; the paper's BERT-6L) | "cls_sep" (not in the
                                     #   paper's BERT-6L: [CLS] + T-2 tokens + [SEP], BERT's original format)
+    windows: str = "fixed"          # text: "fixed" (the training split cut into consecutive sequences; the paper) |
+                                    #   "random" (not in the paper: a training sequence may start at any token)
+    vocab_kind: str = "wordpiece"   # a vocabulary built from the text: "wordpiece" (BERT's) | "word" (not in the
+                                    #   paper: whole words and single characters only, other words -> [UNK])
     seed: int = 0
     device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "fp32"             # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler, CUDA only)
@@ -143,6 +147,10 @@ def validate_train_config(tc: TrainConfig) -> None:
                                f"(short_seq_len={tc.short_seq_len})")
     if tc.seq_format not in D.SEQ_FORMATS:
         bad("seq_format", f"choose one of {D.SEQ_FORMATS}")
+    if tc.windows not in D.WINDOWS:
+        bad("windows", f"choose one of {D.WINDOWS}")
+    if tc.vocab_kind not in D.VOCAB_KINDS:
+        bad("vocab_kind", f"choose one of {D.VOCAB_KINDS}")
     if bool(tc.short_seq_len) != bool(tc.short_seq_steps):
         bad("short_seq_len", f"give both --short-seq-len and --short-seq-steps, or neither "
                              f"(short_seq_steps={tc.short_seq_steps})")
@@ -244,6 +252,8 @@ HELP = {
     "gate_hidden": "gated attention, mlp gate: n_hid", "gate_init": "gated attention: pi_init in (0, 1)",
     "fused_attn": "use scaled_dot_product_attention where exact",
     "pos_init": "initial learned positions: normal (paper) | sinusoidal (same scale; small presets)", "vocab_size": "vocabulary size",
+    "mlm_head": "BERT: bert (transform + decoder tied to the embedding; the paper) | linear (not in the paper: one "
+                "untied linear decoder)",
     "max_seq_len": "maximum sequence length T (positions)", "type_vocab_size": "BERT token types",
     "pad_id": "padding token id", "image_size": "image side in pixels", "patch_size": "patch side in pixels",
     "n_channels": "image channels", "n_classes": "classes", "patch_ln": "ViT: LayerNorm after the patch "
@@ -261,6 +271,10 @@ HELP = {
     "short_seq_steps": "text: how many steps the --short-seq-len phase lasts (0: none)",
     "seq_format": "BERT: stream (T consecutive tokens of the [CLS] doc [SEP] stream; the paper's BERT-6L) | cls_sep "
                   "(not in the paper's BERT-6L: [CLS] + T-2 stream tokens + [SEP], BERT's original format)",
+    "windows": "text: fixed (the training split cut into consecutive sequences; the paper) | random (not in the "
+               "paper: a training sequence starts at any token; validation stays fixed)",
+    "vocab_kind": "a vocabulary built from the text: wordpiece (BERT's) | word (not in the paper: whole words and "
+                  "single characters, other words [UNK])",
     "seed": "seed of the init, the batches and dropout", "device": "auto | cpu | cuda | cuda:N",
     "dtype": "fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)",
     "eval_interval": "validate every N steps", "eval_batches": "validation batches",
@@ -368,6 +382,11 @@ def resolve_configs(args):
         raise ValueError(f"--clip-warmup-steps has no effect with attn_mode={cfg.attn_mode!r}: add --attn-mode clipped")
     if tc.seq_format != "stream" and cfg.arch != "bert":
         raise ValueError(f"--seq-format {tc.seq_format} applies to BERT (masked LM) only, not to {cfg.arch}")
+    if cfg.arch == "vit" and (tc.windows, tc.vocab_kind) != ("fixed", "wordpiece"):
+        raise ValueError("--windows and --vocab-kind apply to text models (BERT, OPT), not to ViT")
+    if tc.vocab_kind != "wordpiece" and tc.vocab_file:
+        raise ValueError(f"--vocab-kind {tc.vocab_kind} builds a vocabulary from the text and has no effect with "
+                         f"--vocab-file {tc.vocab_file}: drop one of the two")
     if tc.short_seq_len and cfg.arch == "vit":
         raise ValueError("--short-seq-len applies to text models (BERT, OPT), not to ViT")
     if tc.short_seq_len and (cfg.max_seq_len % tc.short_seq_len or tc.short_seq_len >= cfg.max_seq_len):
@@ -451,7 +470,8 @@ def main(argv=None):
     try:
         vocab_path = os.path.join(out, "vocab.txt") if (args.resume and os.path.exists(
             os.path.join(out, "vocab.txt"))) else ""
-        task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file, seq_format=tc.seq_format)
+        task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file, seq_format=tc.seq_format,
+                                 windows=tc.windows, vocab_kind=tc.vocab_kind)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it

@@ -386,6 +386,48 @@ def test_cls_sep_sequences_start_with_cls_end_with_sep(text_file, tmp_path):
         data.TextData(tokenizer=tok, seq_len=16, tokens=td.tokens, seq_format="wrapped")
 
 
+def test_random_windows_start_at_every_token(text_file, tmp_path):
+    """windows="random": the training split's sequences start at every token (stride 1), each batch row is the
+    stream window at its index; validation keeps the fixed, consecutive sequences; causal LM alike."""
+    fixed = data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path)
+    rand = data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path, windows="random")
+    stream = torch.from_numpy(np.asarray(rand.tokens["train"]).astype(np.int64))
+    assert rand.num_sequences("train") == len(stream) - 16 + 1
+    assert rand.num_sequences("train", "clm") == len(stream) - 17 + 1
+    assert rand.num_sequences("valid") == fixed.num_sequences("valid")
+    b = rand.mlm_batch("train", step=2, batch_size=8, seed=0)
+    idx = data.batch_indices(rand.num_sequences("train"), 2, 8, 0, stream="train")
+    orig = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])
+    for row, i in enumerate(idx.tolist()):
+        assert torch.equal(orig[row], stream[i: i + 16])
+    assert idx.remainder(16).ne(0).any()  # offsets a fixed cut never uses
+    c = rand.clm_batch("train", step=0, batch_size=4, seed=1)
+    assert torch.equal(c["input_ids"][:, 1:], c["labels"][:, :-1])
+    for v, w in zip(rand.iter_valid(batch_size=5, max_batches=2), fixed.iter_valid(batch_size=5, max_batches=2)):
+        assert torch.equal(v["input_ids"], w["input_ids"])
+    with pytest.raises(ValueError, match="windows='sliding' is invalid"):
+        data.TextData(tokenizer=rand.tokenizer, seq_len=16, tokens=rand.tokens, windows="sliding")
+
+
+def test_word_vocabulary(text_file, tmp_path):
+    """vocab_kind="word": whole words and single characters only (no ## pieces): a word outside the vocabulary
+    is one [UNK], punctuation stays a token; cached apart from the WordPiece vocabulary of the same size."""
+    tok = WordPieceTokenizer.build(["the cat sat on the mat, the end.", "a zebra!"], 24, whole_words=True)
+    assert not any(t.startswith("##") for t in tok.vocab)
+    assert tok.vocab[-3:] == ["the", "cat", "end"]  # most frequent words after the characters
+    assert tok.tokenize("the zebra sat, a dog.") == ["the", "[UNK]", "[UNK]", ",", "a", "[UNK]", "."]
+    wp = WordPieceTokenizer.build(["the cat sat on the mat, the end.", "a zebra!"], 40)
+    assert wp.tokenize("bead") == ["b", "##e", "##a", "##d"]  # the WordPiece vocabulary spells an unseen word
+    assert tok.tokenize("bead") == ["[UNK]"]
+    words = data.load_text_data(str(text_file), vocab_size=40, seq_len=16, cache_dir=tmp_path, vocab_kind="word")
+    pieces = data.load_text_data(str(text_file), vocab_size=40, seq_len=16, cache_dir=tmp_path)
+    assert not any(t.startswith("##") for t in words.tokenizer.vocab)
+    assert any(t.startswith("##") for t in pieces.tokenizer.vocab)
+    assert (np.asarray(words.tokens["train"]) == words.tokenizer.unk_id).any()
+    with pytest.raises(ValueError, match="vocab_kind='chars' is invalid"):
+        data.load_text_data(str(text_file), vocab_size=64, seq_len=16, cache_dir=tmp_path, vocab_kind="chars")
+
+
 def test_batch_indices_cover_each_epoch():
     n, bs = 50, 8
     seen = torch.cat([data.batch_indices(n, s, bs, seed=1) for s in range(25)])  # 200 = 4 epochs

@@ -577,6 +577,8 @@ def test_export_refuses_what_hugging_face_cannot_compute(tmp_path):
         H.export_hf(gated, tmp_path / "g")
     with pytest.raises(ValueError, match="patch_ln"):
         H.export_hf(build_model(get_config("vit-small", n_layers=1, patch_ln=True)), tmp_path / "v")
+    with pytest.raises(ValueError, match="mlm_head='linear'"):
+        H.export_hf(build_model(get_config("bert-small", n_layers=1, mlm_head="linear")), tmp_path / "b")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "model.safetensors").write_bytes(b"old")
     with pytest.raises(ValueError, match="not an empty folder"):

@@ -126,6 +126,21 @@ def test_heads_are_tied_to_the_embedding():
         assert m.lm_head.weight is m.wte.weight
 
 
+def test_linear_mlm_head_is_one_untied_layer():
+    """mlm_head="linear" (not the paper's head): logits = h W^T + b with its own W, no transform, nothing tied."""
+    from dataclasses import replace
+    cfg = replace(tiny("bert"), mlm_head="linear")
+    m = build_model(cfg).eval()
+    assert m.lm_head.weight is not m.wte.weight and not hasattr(m, "head_dense") and not hasattr(m, "head_ln")
+    assert m.num_params() == build_model(tiny("bert")).num_params() + cfg.vocab_size * cfg.d_model - (
+        cfg.d_model * cfg.d_model + cfg.d_model + 2 * cfg.d_model)  # + the decoder's own W; - dense and LayerNorm
+    b = batch(cfg)
+    h = m.forward_features(b["input_ids"])
+    full, _ = m(b["input_ids"])
+    torch.testing.assert_close(full, h @ m.lm_head.weight.T + m.lm_head.bias)
+    assert m.smoothquant_groups() == [g for g in m.smoothquant_groups() if "head" not in g[0]]
+
+
 @pytest.mark.parametrize("name,paper_params", [
     ("bert-base", 109e6),  # section 5: "BERT-base-uncased (109M parameters)"
     ("opt-125m", 125e6),
@@ -170,6 +185,7 @@ def test_vit_patchify_equals_a_strided_conv():
     (lambda: get_config("vit-small", image_size=30), "image_size"),
     (lambda: BertConfig(vocab_size=0), "vocab_size"),
     (lambda: get_config("bert-small", pos_init="rope"), "pos_init"),
+    (lambda: get_config("bert-small", mlm_head="tied"), "mlm_head"),
     (lambda: ViTConfig(patch_size=0), "patch_size"),
 ])
 def test_bad_configs_raise_one_clear_error(make, field):

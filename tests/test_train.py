@@ -502,6 +502,9 @@ BAD = [
     (["--short-seq-len", "16", "--short-seq-steps", "1"], ["--short-seq-len 16", "smaller"]),
     (["--short-seq-len", "4", "--short-seq-steps", "3"], ["short_seq_steps=3", "steps=2"]),
     (["--seq-format", "wrapped"], ["seq_format='wrapped'", "cls_sep"]),
+    (["--windows", "sliding"], ["windows='sliding'", "random"]),
+    (["--vocab-kind", "chars"], ["vocab_kind='chars'", "word"]),
+    (["--mlm-head", "tied"], ["mlm_head='tied'", "linear"]),
 ]
 
 
@@ -522,6 +525,29 @@ def test_short_seq_len_on_vit_one_clear_error(tmp_path, corpus):
                         "--out", tmp_path / "run"))
     assert "--short-seq-len applies to text models" in exit_message(e)
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_probe_options_train_and_are_stored(tmp_path, corpus):
+    """--windows random, --vocab-kind word and --mlm-head linear (not in the paper) train end to end, are stored
+    in the checkpoint, and the run evaluates from its folder; misuse is one clear error."""
+    out = tmp_path / "probe"
+    ev = train.main(args("bert", corpus, "--steps", 2, "--windows", "random", "--vocab-kind", "word",
+                         "--mlm-head", "linear", "--seq-format", "cls_sep", "--out", out))
+    assert ev["val_ppl"] > 0
+    ck = checkpoint.load_checkpoint(str(out))
+    assert (ck["train_config"]["windows"], ck["train_config"]["vocab_kind"]) == ("random", "word")
+    assert ck["config"]["mlm_head"] == "linear"
+    assert not any(t.startswith("##") for t in (out / "vocab.txt").read_text().split("\n"))
+    with pytest.raises(SystemExit) as e:
+        train.main(args("vit", corpus, "--steps", 2, "--windows", "random", "--out", tmp_path / "vit"))
+    assert "--windows and --vocab-kind apply to text models" in exit_message(e)
+    with pytest.raises(SystemExit) as e:
+        train.main(args("bert", corpus, "--steps", 2, "--vocab-kind", "word", "--vocab-file", out / "vocab.txt",
+                        "--out", tmp_path / "both"))
+    assert "--vocab-kind word builds a vocabulary" in exit_message(e)
+    with pytest.raises(SystemExit) as e:
+        train.main(args("opt", corpus, "--steps", 2, "--mlm-head", "linear", "--out", tmp_path / "opt"))
+    assert "--mlm-head'] do not apply to preset 'opt-small'" in exit_message(e)
 
 
 def test_seq_format_cls_sep_bert_only(tmp_path, corpus):
