@@ -99,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="output folder (default runs/repro-<model>[-<sweep>])")
     ap.add_argument("--jobs", type=int, default=0, help="rows trained at once (0: up to 3 on a CPU with >= 2 "
                                                           "cores, else 1); CPU threads are split between them")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per row (0: the cores split between the "
+                                                             "jobs); set it when other work shares the machine")
     ap.add_argument("--plots", action="store_true", help="draw the figures (scripts/figures.py all) at the end")
     ap.add_argument("--train-args", default="", help="extra train.py flags for every row, e.g. '--lr 1e-3'")
     ap.add_argument("--baselines", action="store_true",
@@ -106,6 +108,8 @@ def main(argv=None):
                          "per-channel weights with per-token activations) at W8A8, W8A6 and W4A8: <out>/baselines.md")
     args = ap.parse_args(argv)
 
+    if args.jobs < 0 or args.threads < 0:
+        sys.exit(f"error: --jobs and --threads must be >= 0 (0: automatic), got {args.jobs} and {args.threads}")
     if args.sweep:
         rows = sweep_rows(args.sweep)
     else:
@@ -118,7 +122,7 @@ def main(argv=None):
     out = args.out or f"runs/repro-{args.model}" + (f"-{args.sweep}" if args.sweep else "")
     # On a CPU all rows (at most 3) train at once, one thread each: measured faster than 2 + 1 on 2 cores.
     jobs = args.jobs or (min(3, len(rows)) if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     seeds = args.seeds or [args.seed]
     for seed in seeds:
         folder = out if not args.seeds else os.path.join(out, f"seed-{seed}")

@@ -46,6 +46,8 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path):
 def test_reproduce_rejects_an_unknown_row(tmp_path):
     r = run_repro(tmp_path, "--rows", "vanilla", "sparsemax", "--out", str(tmp_path / "x"))
     assert r.returncode != 0 and "unknown row" in r.stderr
+    r = run_repro(tmp_path, "--threads", "-1", "--out", str(tmp_path / "y"))
+    assert r.returncode != 0 and "--jobs and --threads must be >= 0" in r.stderr and not (tmp_path / "y").exists()
 
 
 def test_reproduce_opt_and_vit_rows(tmp_path):
