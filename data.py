@@ -48,6 +48,9 @@ ranks partition the global batch exactly (with gradient accumulation pass step =
 Validation iterates the sequences in order, with MLM masks from a fixed seed. Results are reproducible for a given
 torch version (torch.randperm/bernoulli streams may change between versions).
 
+Why one file of about 900 lines: it is the whole data side (text sources, token streams, MLM masking, images and
+`Task`, in that order under section banners), and the rest of the project imports only `Task` and a few helpers.
+
 Usage:
 
     from data import load_text_data, load_image_data
@@ -414,9 +417,8 @@ OBJECTIVES = ("mlm", "clm")
 # consecutive tokens. "cls_sep" (BERT's original pre-training format, not the paper's BERT-6L): T - 2 consecutive
 # tokens wrapped as [CLS] window [SEP], so every sequence starts with [CLS] and ends with [SEP].
 SEQ_FORMATS = ("stream", "cls_sep")
-# Where training sequences start. "fixed" (default; the paper): the training split is cut into consecutive
-# sequences, each seen once per epoch. "random" (not in the paper): a sequence may start at any token (stride 1),
-# so an epoch of random windows covers every offset. Validation always uses the fixed sequences.
+# Where training sequences start: "fixed" (default; the paper) cuts the split into consecutive sequences; "random"
+# (not in the paper) lets one start at any token (stride 1). Validation always uses the fixed sequences.
 WINDOWS = ("fixed", "random")
 VOCAB_KINDS = ("wordpiece", "word")  # a vocabulary built from the text: BERT's subwords | whole words + characters
 
@@ -443,7 +445,7 @@ class TextData:
         if self.seq_format == "cls_sep" and (self.tokenizer.cls_id is None or self.tokenizer.sep_id is None
                                              or self.seq_len < 3):
             raise ValueError("seq_format='cls_sep' needs a tokenizer with [CLS] and [SEP] and seq_len >= 3")
-        if self.windows not in WINDOWS:
+        if self.windows not in WINDOWS:  # the other fields are checked where they are used
             raise ValueError(f"windows={self.windows!r} is invalid: choose one of {WINDOWS}")
 
     @property
@@ -617,9 +619,9 @@ def load_text_data(source: str = "builtin",
     if vocab_kind not in VOCAB_KINDS:
         raise ValueError(f"vocab_kind={vocab_kind!r} is invalid: choose one of {VOCAB_KINDS}")
     if tokenizer is None:
-        parts = [CACHE_FORMAT, [f.key() for f in splits["train"]], vocab_size, lowercase]
-        key = hashlib.sha256(json.dumps(parts + ([vocab_kind] if vocab_kind != "wordpiece" else []))
-                             .encode()).hexdigest()[:16]
+        parts = [CACHE_FORMAT, [f.key() for f in splits["train"]], vocab_size, lowercase] + [vocab_kind] * (
+            vocab_kind != "wordpiece")  # a WordPiece vocabulary keeps its earlier cache key
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         vocab_path = cache_dir / f"vocab-{name}-{key}.txt"
         if vocab_path.is_file():
             tokenizer = WordPieceTokenizer.load(vocab_path, lowercase=lowercase)
