@@ -44,7 +44,7 @@ import audit_report
 from data import Task, eval_sizes, unmask
 from int8 import to_int8
 from metrics import OutlierStats, QuantNoise, evaluate, to_device
-from model import model_from_checkpoint
+from model import describe, model_from_checkpoint
 
 def parse_bits(s: str):
     """'W8A8' -> (8, 8)."""
@@ -408,17 +408,6 @@ def _main(args):
         files = audit_report.write(result, out)
         print(f"\naudit report: {', '.join(os.path.join(out, f) for f in files)}")
     return result
-
-
-def describe(cfg) -> str:
-    if cfg.attn_mode == "clipped":
-        if cfg.clip_gamma is not None:
-            return f"clipped softmax (gamma={cfg.clip_gamma:g})"
-        return f"clipped softmax (alpha={cfg.clip_alpha:g}, gamma={-cfg.clip_alpha / cfg.seq_len:.4g})"
-    if cfg.attn_mode == "gated":
-        extra = f", n_hid={cfg.gate_hidden}" if cfg.gate_type == "mlp" else ""
-        return f"gated attention ({cfg.gate_type}{extra}, pi_init={cfg.gate_init:g})"
-    return {"softmax": "vanilla softmax", "softmax1": "softmax1 (off-by-one)"}[cfg.attn_mode]
 
 
 def markdown_header(cfg, bit_keys):

@@ -239,6 +239,19 @@ def from_name(name: str, **overrides) -> nn.Module:
     return build_model(get_config(name, **overrides))
 
 
+def describe(cfg: TransformerConfig) -> str:
+    """A config's attention variant as a human label, e.g. "clipped softmax (alpha=1, gamma=-0.01562)" (the label
+    of eval_ptq.py's tables and of the figures)."""
+    if cfg.attn_mode == "clipped":
+        if cfg.clip_gamma is not None:
+            return f"clipped softmax (gamma={cfg.clip_gamma:g})"
+        return f"clipped softmax (alpha={cfg.clip_alpha:g}, gamma={-cfg.clip_alpha / cfg.seq_len:.4g})"
+    if cfg.attn_mode == "gated":
+        extra = f", n_hid={cfg.gate_hidden}" if cfg.gate_type == "mlp" else ""
+        return f"gated attention ({cfg.gate_type}{extra}, pi_init={cfg.gate_init:g})"
+    return {"softmax": "vanilla softmax", "softmax1": "softmax1 (off-by-one)"}[cfg.attn_mode]
+
+
 # The modules each model builds only with head=True (everything else is the body).
 HEAD_MODULES = {"bert": ("head_dense", "head_act", "head_ln", "lm_head"), "opt": ("lm_head",), "vit": ("head",)}
 

@@ -45,9 +45,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval_ptq import describe  # noqa: E402
 from checkpoint import load_checkpoint, pick_device  # noqa: E402
-from model import model_from_checkpoint  # noqa: E402
+from model import describe, model_from_checkpoint  # noqa: E402
 from data import Task, eval_sizes, unmask as _unmasked  # noqa: E402
 from metrics import OutlierStats, outlier_mask, to_device  # noqa: E402
 
