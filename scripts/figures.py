@@ -196,6 +196,9 @@ def outlier_counts_data(model, task: Task, layer: int, kind: str = "ffn_out", ma
         delim = sorted(set(tok.delimiter_ids) | {tok.cls_id})
         out["delimiters"] = token_labels(task, cfg, delim)
         out["share_on_delimiters"] = int(per_tok[delim].sum()) / total if total else None
+        # outliers per token type: each delimiter and [CLS] on its own, then every other token together
+        out["per_token_type"] = [[lab, int(per_tok[i])] for lab, i in zip(out["delimiters"], delim)] + \
+            [["other tokens", total - int(per_tok[delim].sum())]]
     return out
 
 
@@ -468,6 +471,222 @@ def growth_table(data: dict) -> list[list]:
     return rows
 
 
+# ------------------------------------------------------------------------------- captions: data, model, seed
+def model_label(config: dict) -> str:
+    """A model config (dict) as a short label: "BERT, 4 layers x 4 heads, d 128, T 64"."""
+    arch = {"bert": "BERT", "opt": "OPT", "vit": "ViT"}.get(config.get("arch"), str(config.get("arch")))
+    size = (f"image {config['image_size']}, patch {config['patch_size']}" if config.get("arch") == "vit"
+            else f"T {config.get('max_seq_len')}")
+    n, h = config["n_layers"], config["n_heads"]
+    return f"{arch}, {n} layer{'s' * (n != 1)} x {h} head{'s' * (h != 1)}, d {config['d_model']}, {size}"
+
+
+def data_label(data: str) -> str:
+    """A --data value as a short label: builtin-wiki, wikitext-103:<folder name>, <file or folder name>."""
+    data = data or "builtin"
+    name, sep, path = data.partition(":")
+    if sep and name in ("wikitext-103", "wikitext-2", "cifar10"):
+        return f"{name}:{os.path.basename(os.path.normpath(path))}"
+    return os.path.basename(os.path.normpath(data)) if os.sep in data else data
+
+
+def run_source(run_dir: str) -> dict | None:
+    """{"model", "data", "seed", "steps"} of a run folder, from the start record of its log.jsonl (else from its
+    checkpoint); None when the folder holds neither."""
+    log = os.path.join(run_dir, "log.jsonl")
+    if os.path.isfile(log):
+        for r in read_log(log):
+            if r.get("event") == "start" and "config" in r and "train_config" in r:
+                return _source(r["config"], r["train_config"])
+    if os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+        ck = load_checkpoint(run_dir)
+        return _source(ck["config"], ck["train_config"])
+    return None
+
+
+def _source(config: dict, train_config: dict) -> dict:
+    return {"model": model_label(config), "data": data_label(train_config.get("data", "builtin")),
+            "seed": train_config.get("seed"), "steps": train_config.get("steps")}
+
+
+def source_label(sources) -> str:
+    """One caption line for the runs behind a figure: "BERT, 4 layers x 4 heads, d 128, T 64 on builtin-wiki,
+    training seed 0, 4,000 steps" (several models, data, seeds or step counts are listed)."""
+    sources = [s for s in sources if s]
+    if not sources:
+        return ""
+
+    def uniq(key):
+        return list(dict.fromkeys(s[key] for s in sources if s.get(key) is not None))
+
+    seeds = sorted(uniq("seed"))
+    steps = uniq("steps")
+    text = f"{' / '.join(uniq('model'))} on {' / '.join(uniq('data'))}"
+    if seeds:
+        text += f", training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    if len(steps) == 1:
+        text += f", {steps[0]:,} steps"
+    return text
+
+
+# ------------------------------------------------------------------------------------ the headline figure
+HEADLINE = "headline"
+
+
+def headline_data(results_by_seed: dict, source: str = "", kind: str = "ffn_out") -> dict:
+    """The headline of a reproduction: per row (attention variant), over the training seeds given ({seed: the
+    rows of that seed's results.json}), the `kind` tensor's inf-norm per layer (section 3's quantity, the per-sample
+    max |x| averaged over the validation set, from eval_ptq.py --analysis; its maximum over layers is the table's
+    "FFN-out inf. norm"), the gap of every PTQ bit width to the FP metric for every calibration seed (perplexity:
+    relative, in %; accuracy: difference, in points), and the FP metric.
+
+    Returns {"arch", "metric", "kind", "bits", "seeds", "n_calibration_seeds", "source", "rows": [{"row", "label",
+    "attn_mode", "seeds", "fp": [per seed], "inf_norm_per_layer": [per seed: [per layer] or None],
+    "max_inf_norm": [per seed], "gaps": {bit: [per seed: [per calibration seed]]}}]}, rows in the first seed's
+    order."""
+    if not results_by_seed or not any(results_by_seed.values()):
+        raise FigureError("no results to draw the headline from")
+    seeds = sorted(results_by_seed)
+    first = next(results_by_seed[s] for s in seeds if results_by_seed[s])
+    arch = first[0].get("arch", "bert")
+    m = "acc" if arch == "vit" else "ppl"
+    bits = list(first[0].get("ptq", {}))
+
+    def name(r):
+        return r.get("row") or r["label"]
+
+    rows = []
+    for r0 in first:
+        row = {"row": name(r0), "label": r0.get("label", name(r0)), "attn_mode": r0.get("attn_mode"), "seeds": [],
+               "fp": [], "inf_norm_per_layer": [], "max_inf_norm": [], "gaps": {b: [] for b in bits}}
+        for s in seeds:
+            r = next((x for x in results_by_seed[s] if name(x) == row["row"]), None)
+            if r is None:
+                continue
+            fp = r["fp"]["val_" + m]
+            layers = r.get("analysis", {}).get("layers")
+            row["seeds"].append(s)
+            row["fp"].append(fp)
+            row["inf_norm_per_layer"].append([x["tensors"][kind]["inf_norm"] for x in layers] if layers else None)
+            row["max_inf_norm"].append(r["fp"].get(f"max_inf_norm/{kind}"))
+            for b in bits:
+                vals = r.get("ptq", {}).get(b, {}).get("values", [])
+                row["gaps"][b].append([(v / fp - 1) * 100 if m == "ppl" else v - fp for v in vals])
+        rows.append(row)
+    n_cal = sorted({len(g) for r in rows for b in bits for g in r["gaps"][b]})
+    return {"figure": "headline", "arch": arch, "metric": m, "kind": kind, "bits": bits, "seeds": seeds,
+            "n_calibration_seeds": n_cal[-1] if n_cal else 0, "source": source, "rows": rows}
+
+
+def headline_table(data: dict) -> list[list]:
+    """The headline's numbers, one line per (row, training seed)."""
+    bits = data["bits"]
+    n_layers = max((len(x) for r in data["rows"] for x in r["inf_norm_per_layer"] if x), default=0)
+    head = ["row", "seed", f"fp_{data['metric']}", f"max_inf_norm/{data['kind']}"] + \
+        [f"{data['kind']}_inf_norm_layer{i}" for i in range(n_layers)] + \
+        [f"{b}_gap_{s}" for b in bits for s in ("mean", "std")]
+    rows = [head]
+    for r in data["rows"]:
+        for i, s in enumerate(r["seeds"]):
+            per_layer = r["inf_norm_per_layer"][i] or []
+            cells = [r["row"], s, r["fp"][i], r["max_inf_norm"][i]] + \
+                [per_layer[j] if j < len(per_layer) else "" for j in range(n_layers)]
+            for b in bits:
+                g = r["gaps"][b][i]
+                cells += list(_mean_std(g)) if g else ["", ""]
+            rows.append(cells)
+    return rows
+
+
+def _mean_std(values) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
+# ---------------------------------------------------------------------- per-variant panels (Figures 2 / 3 style)
+NOOP_CRITERIA = {  # attention mode -> (score, which head, how the title says it)
+    "softmax": ("delimiter_mass", max, "the most attention mass on delimiters"),
+    "softmax1": ("delimiter_mass", max, "the most attention mass on delimiters"),
+    "clipped": ("zero_fraction", max, "the most exact zeros"),
+    "gated": ("gate_mean", min, "the most closed gate (lowest mean pi)"),
+}
+
+
+@torch.no_grad()
+def head_scores(model, task: Task, max_batches: int = 20, batch_size: int = 32, unmask: bool = True) -> dict:
+    """Per layer and head ((L, H) lists), over the validation set: the attention mass on delimiter tokens ([SEP],
+    '.', ',' and [CLS]; ViT: on the CLS token) averaged over the query rows ("delimiter_mass"); the share of exact
+    zeros among the probabilities a query may attend to (padding and future keys not counted; "zero_fraction");
+    and for gated attention the mean gate probability pi ("gate_mean", else None). The same definitions as
+    eval_ptq.py --analysis (attn_mass_delimiters, attn_zero_fraction, gate_mean); unmask as for
+    outlier_counts_data."""
+    cfg = model.cfg
+    model.eval()
+    tok = task.tokenizer
+    delim = torch.tensor(sorted(set(tok.delimiter_ids) | {tok.cls_id}) if tok is not None else [], dtype=torch.long)
+    L, H = cfg.n_layers, cfg.n_heads
+    mass, zeros, entries, rows = torch.zeros(L, H), torch.zeros(L, H), 0, 0
+    gate, gate_n = torch.zeros(L, H), 0
+    for b in _valid_batches(model, task, batch_size, max_batches, unmask):
+        rec = {}
+        model(**{k: v for k, v in b.items() if k != "labels"}, record=rec)
+        p0 = rec["blocks.0.attn_probs"]  # (B, H, T, T)
+        B, _, T, _ = p0.shape
+        valid = b.get("attention_mask")
+        valid = valid.bool() if valid is not None else torch.ones(B, T, dtype=torch.bool, device=p0.device)
+        if tok is not None:
+            is_delim = torch.isin(b["input_ids"], delim.to(p0.device))  # (B, T)
+        else:
+            is_delim = torch.zeros(B, T, dtype=torch.bool, device=p0.device)
+            is_delim[:, 0] = True  # ViT: the CLS token
+        allowed = valid[:, None, :, None] & valid[:, None, None, :]  # (B, 1, T, T)
+        if model.blocks[0].attn.causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=p0.device).tril()
+        for i in range(L):
+            p = rec[f"blocks.{i}.attn_probs"].float()  # (B, H, T, T)
+            mass[i] += (p * is_delim[:, None, None, :]).sum(-1).mul(valid[:, None, :]).sum((0, 2)).cpu()
+            zeros[i] += ((p == 0) & allowed).sum((0, 2, 3)).cpu().float()
+            g = rec.get(f"blocks.{i}.gate_probs")  # (B, H, T)
+            if g is not None:
+                gate[i] += (g.float() * valid[:, None, :]).sum((0, 2)).cpu()
+        entries += int(allowed.sum())
+        rows += int(valid.sum())
+        gate_n += int(valid.sum())
+    if rows == 0:
+        raise FigureError("the validation set yielded no batches")
+    has_gate = cfg.attn_mode == "gated"
+    return {"delimiter_mass": (mass / rows).tolist(), "zero_fraction": (zeros / entries).tolist(),
+            "gate_mean": (gate / gate_n).tolist() if has_gate else None,
+            "delimiters": token_labels(task, cfg, delim.tolist()) if tok is not None else ["CLS"]}
+
+
+def noop_head(scores: dict, attn_mode: str) -> dict:
+    """The head a variant uses to "do nothing", by the variant's own mechanism: softmax the head with the most
+    attention mass on delimiters, clipped softmax the head with the most exact zeros, gated attention the head
+    with the most closed gate. Returns {"score", "criterion", "layer", "head", "value"} (0-based)."""
+    key, pick, words = NOOP_CRITERIA.get(attn_mode, NOOP_CRITERIA["softmax"])
+    grid = scores[key]
+    cells = [(v, i, h) for i, row in enumerate(grid) for h, v in enumerate(row)]
+    v, i, h = pick(cells, key=lambda c: c[0])
+    return {"score": key, "criterion": words, "layer": i, "head": h, "value": v}
+
+
+def variant_panel_data(model, task: Task, layer: int, kind: str = "ffn_out", seq_index: int = 0,
+                       max_batches: int = 20, batch_size: int = 32, unmask: bool = True) -> dict:
+    """Figures 2 / 3 in one picture per attention variant: where block `layer`'s `kind` outliers sit (per hidden
+    dimension and per token type: outlier_counts_data), every head's "no-op" score (head_scores), and the
+    attention map, on validation sequence `seq_index`, of the head the variant picks to do nothing (noop_head:
+    softmax the most mass on a delimiter, clipped softmax the most exact zeros, gated the most closed gate)."""
+    outliers = outlier_counts_data(model, task, layer, kind, max_batches, batch_size, unmask=unmask)
+    scores = head_scores(model, task, max_batches, batch_size, unmask)
+    pick = noop_head(scores, model.cfg.attn_mode)
+    attention = attention_pattern_data(model, task, pick["layer"], pick["head"], seq_index, unmask)
+    return {"figure": "panels", "arch": model.cfg.arch, "attn_mode": model.cfg.attn_mode,
+            "describe": describe(model.cfg), "outliers": outliers, "scores": scores, "noop_head": pick,
+            "attention": attention}
+
+
 # ---------------------------------------------------------------------------------------------------- plots
 def _figure(width: float, height: float):
     """A matplotlib Figure without pyplot (no global state, no display needed); matplotlib is imported here."""
@@ -486,6 +705,11 @@ def _ticks(ax, labels, axis="x", fontsize=6):
     if axis in ("y", "both"):
         ax.set_yticks(n)
         ax.set_yticklabels(labels, fontsize=fontsize)
+
+
+def _source_line(d: dict) -> str:
+    """The caption line naming a figure's data, model and seed(s), if its data carries one."""
+    return f"\n{d['source']}" if d.get("source") else ""
 
 
 def _who(d: dict) -> str:
@@ -516,8 +740,8 @@ def plot_outlier_counts(data: dict, path: str) -> None:
     inputs = ("" if data["arch"] != "bert" else ", original tokens" if data.get("unmasked", True) else
               ", validation batches with [MASK]")
     fig.suptitle(f"Figure 1 - {_who(data)}: outliers (> {data['n_std']:g} sigma) in {data['kind']}, layer "
-                 f"{data['layer']} (0-based){inputs}; {data['total']:,} of {data['n_values']:,} values "
-                 f"({100 * frac:.3g}%){extra}", fontsize=9)
+                 f"{data['layer']} (0-based){inputs}\n{data['total']:,} of {data['n_values']:,} values "
+                 f"({100 * frac:.3g}%){extra}" + _source_line(data), fontsize=10)
     fig.savefig(path, dpi=DPI)
 
 
@@ -560,7 +784,7 @@ def plot_attention_patterns(datas: list[dict], path: str) -> None:
     inputs = ("" if d0["arch"] != "bert" else " (original tokens)" if d0.get("unmasked", True) else
               " (with the validation batch's [MASK] tokens)")
     fig.suptitle(f"Figure 2 - layer {d0['layer']}, head {d0['head']} (0-based), validation sequence "
-                 f"{d0['seq_index']}{inputs}", fontsize=10)
+                 f"{d0['seq_index']}{inputs}" + _source_line(d0), fontsize=13)
     fig.savefig(path, dpi=DPI)
 
 
@@ -594,7 +818,7 @@ def plot_vit_patches(data: dict, path: str) -> None:
     ax[4].bar([f"outlier patches\n({n_out})", f"other patches\n({n_all - n_out})"],
               [v if v is not None else 0.0 for v in vals], color=["tab:red", "tab:gray"])
     ax[4].set_title("(e) mean value norm ||v_j||", fontsize=8)
-    fig.suptitle(f"Figure 3 - {_who(data)} (layers and heads 0-based)", fontsize=10)
+    fig.suptitle(f"Figure 3 - {_who(data)} (layers and heads 0-based)" + _source_line(data), fontsize=10)
     fig.savefig(path, dpi=DPI)
 
 
@@ -629,7 +853,7 @@ def plot_sweep(data: dict, path: str) -> None:
     ax1.legend(fontsize=8)
     ax2.set_ylabel("max inf-norm")
     what = "clipped softmax, gamma = -alpha / T" if data["param"] == "clip_alpha" else "gated attention (Linear)"
-    fig.suptitle(f"Figure {data['figure']} - {what} ({data['arch']})", fontsize=10)
+    fig.suptitle(f"Figure {data['figure']} - {what} ({data['arch']})" + _source_line(data), fontsize=10)
     fig.savefig(path, dpi=DPI)
 
 
@@ -652,7 +876,192 @@ def plot_growth(data: dict, path: str) -> None:
     if metric == "ppl":
         axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Growth of outliers during training ({k})", fontsize=10)
+    fig.suptitle(f"Growth of outliers during training ({k}), one line per run" + _source_line(data), fontsize=11)
+    fig.savefig(path, dpi=DPI)
+
+
+VARIANT_COLORS = {"softmax": "tab:blue", "softmax1": "tab:cyan", "clipped": "tab:orange", "gated": "tab:green"}
+
+
+def _row_colors(rows) -> list[str]:
+    """A colour per row: by attention mode (softmax blue, clipped orange, gated green); a mode's later rows (a
+    sweep) take further colours."""
+    extra = iter(["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray", "gold", "navy"])
+    seen, out = set(), []
+    for r in rows:
+        c = VARIANT_COLORS.get(r.get("attn_mode"))
+        out.append(c if c and c not in seen else next(extra, "black"))
+        seen.add(out[-1])
+    return out
+
+
+def plot_headline(data: dict, path: str) -> None:
+    """The headline: per attention variant, (a) the FFN-output inf-norm of every layer, (b) the gap of every PTQ
+    bit width with its spread over calibration seeds (several training seeds: over training seeds), (c) the FP
+    metric. One image for a README's width."""
+    import textwrap
+    rows, bits, m = data["rows"], data["bits"], data["metric"]
+    colors = _row_colors(rows)
+    n_seeds = len(data["seeds"])
+    fig = _figure(11, 4.4)
+    ax = fig.subplots(1, 3, width_ratios=[1.35, 1.25, 0.9])
+    labels = ["\n".join(textwrap.wrap(r["label"], 13)) for r in rows]
+    # (a) inf-norm per layer, one bar per row in each layer's group
+    per_layer = all(x is not None for r in rows for x in r["inf_norm_per_layer"])
+    width = 0.8 / max(len(rows), 1)
+    for k, (r, c) in enumerate(zip(rows, colors)):
+        if per_layer:
+            layers = list(zip(*r["inf_norm_per_layer"]))  # (L, seeds)
+            stats = [_mean_std(v) for v in layers]
+            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(layers))]
+        else:  # no per-layer analysis: the maximum over layers only
+            stats = [_mean_std(r["max_inf_norm"])]
+            xs = [k]
+        ax[0].bar(xs, [mu for mu, _ in stats], width if per_layer else 0.7, color=c, label=r["label"],
+                  yerr=[sd for _, sd in stats] if n_seeds > 1 else None, capsize=2)
+    if per_layer:
+        n_layers = len(rows[0]["inf_norm_per_layer"][0])
+        ax[0].set_xticks(range(n_layers))
+        ax[0].set_xlabel("layer (0-based)")
+    else:
+        ax[0].set_xticks(range(len(rows)))
+        ax[0].set_xticklabels(labels, fontsize=8)
+    ax[0].set_ylabel(f"{data['kind']} inf-norm")
+    ax[0].set_title(f"(a) {data['kind']} inf-norm per layer", fontsize=10)
+    ax[0].legend(fontsize=8, loc="upper left")
+    # (b) the PTQ gaps: bars = mean; error bars = std over calibration seeds (one training seed) or over the
+    # training seeds' means (several); dots = every (training seed, calibration seed)
+    bw = 0.8 / max(len(bits), 1)
+    hatches = ["", "//", "..", "xx"]
+    for k, (r, c) in enumerate(zip(rows, colors)):
+        for j, b in enumerate(bits):
+            per_seed = [g for g in r["gaps"][b] if g]
+            if not per_seed:
+                continue
+            x = k - 0.4 + bw * (j + 0.5)
+            means = [_mean_std(g)[0] for g in per_seed]
+            mu = sum(means) / len(means)
+            sd = _mean_std(means)[1] if len(means) > 1 else _mean_std(per_seed[0])[1]
+            ax[1].bar(x, mu, bw * 0.9, color=c, alpha=0.55 + 0.45 * (j == len(bits) - 1), hatch=hatches[j % 4],
+                      edgecolor="black", linewidth=0.5, yerr=sd, capsize=3, label=b if k == 0 else None)
+            pts = [v for g in per_seed for v in g]
+            ax[1].plot([x] * len(pts), pts, ".", color="black", ms=3)
+            ax[1].annotate(f"{mu:+.1f}" + ("%" if m == "ppl" else ""), (x, max(mu + sd, max(pts))),
+                           textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7.5)
+    ax[1].axhline(0, color="black", lw=0.6)
+    ax[1].set_xticks(range(len(rows)))
+    ax[1].set_xticklabels(labels, fontsize=8)
+    ax[1].set_ylabel("gap to FP perplexity (%)" if m == "ppl" else "accuracy difference to FP (points)")
+    spread = (f"error bars: std over {n_seeds} training seeds" if n_seeds > 1 else
+              f"error bars: std over {data['n_calibration_seeds']} calibration seeds")
+    ax[1].set_title(f"(b) PTQ gap ({', '.join(bits)})\n{spread}; dots: every run", fontsize=10)
+    ax[1].legend(fontsize=8, loc="upper right")
+    ymax = ax[1].get_ylim()[1]
+    ax[1].set_ylim(top=ymax * 1.12 if ymax > 0 else ymax)
+    # (c) the FP metric
+    for k, (r, c) in enumerate(zip(rows, colors)):
+        mu, sd = _mean_std(r["fp"])
+        ax[2].bar(k, mu, 0.7, color=c, yerr=sd if n_seeds > 1 else None, capsize=3)
+        ax[2].plot([k] * len(r["fp"]), r["fp"], ".", color="black", ms=4)
+        ax[2].annotate(f"{mu:.1f}", (k, mu + sd), textcoords="offset points", xytext=(0, 2), ha="center",
+                       fontsize=8)
+    ax[2].set_xticks(range(len(rows)))
+    ax[2].set_xticklabels(labels, fontsize=8)
+    ax[2].set_ylabel("FP validation perplexity" if m == "ppl" else "FP validation accuracy (%)")
+    ax[2].set_title("(c) FP quality" + (" (lower is better)" if m == "ppl" else ""), fontsize=10)
+    for a in ax:
+        a.grid(axis="y", alpha=0.3)
+    seeds = ", ".join(map(str, data["seeds"]))
+    fig.suptitle(f"Outliers, PTQ gap and FP quality per attention variant ({n_seeds} training seed"
+                 f"{'s' if n_seeds > 1 else ''}: {seeds}; {data['n_calibration_seeds']} calibration seeds each)"
+                 + _source_line(data), fontsize=11)
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_variant_panel(data: dict, path: str) -> None:
+    """Figures 2 / 3 style, one variant: (a) outliers per hidden dimension, (b) outliers per token type, (c) the
+    attention map of the head the variant uses to do nothing, (d) every head's score for that choice."""
+    import textwrap
+    o, att, pick, sc = data["outliers"], data["attention"], data["noop_head"], data["scores"]
+    fig = _figure(11, 9.2)
+    ax = fig.subplot_mosaic([["a", "b"], ["c", "d"]], width_ratios=[1.25, 1], height_ratios=[1, 1.45])
+    # (a) per hidden dimension
+    dims = o["per_dim"]
+    ax["a"].bar(range(len(dims)), dims, width=1.0, color="tab:green")
+    ax["a"].set_xlabel("hidden dimension (0-based)")
+    ax["a"].set_ylabel("outlier count")
+    ax["a"].set_title(f"(a) outliers per hidden dimension ({o['total']:,} in all)", fontsize=10)
+    if o["top_dims"]:
+        lines = ["dim (head): count"] + [f"#{d} ({h}): {c:,}" for d, c, h in o["top_dims"][:4]]
+        ax["a"].text(0.99, 0.97, "\n".join(lines), transform=ax["a"].transAxes, ha="right", va="top", fontsize=8,
+                     bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "lightgray"})
+    # (b) per token type (text) or per position (ViT)
+    if o.get("per_token_type"):
+        delims = set(o.get("delimiters") or [])
+        others = [[t, c] for t, c in (o.get("top_tokens") or []) if t not in delims][:5]
+        types = o["per_token_type"][:-1]
+        rest = o["per_token_type"][-1][1] - sum(c for _, c in others)
+        entries = types + others + [["all other tokens", rest]]
+        total = max(o["total"], 1)
+        names = [t for t, _ in entries][::-1]
+        counts = [c for _, c in entries][::-1]
+        cols = (["tab:red"] * len(types) + ["tab:gray"] * len(others) + ["lightgray"])[::-1]
+        ax["b"].barh(range(len(entries)), counts, color=cols)
+        ax["b"].set_yticks(range(len(entries)))
+        ax["b"].set_yticklabels(names, fontsize=9)
+        for y, c in enumerate(counts):
+            ax["b"].annotate(f"{100 * c / total:.0f}%", (c, y), textcoords="offset points", xytext=(3, -3),
+                             fontsize=8)
+        ax["b"].set_xlabel("outlier count")
+        share = o.get("share_on_delimiters")
+        ax["b"].set_title("(b) outliers per token type (red: delimiters and [CLS]"
+                          + (f", {100 * share:.0f}% in all)" if share is not None else ")"), fontsize=10)
+        ax["b"].margins(x=0.15)
+    else:
+        pos = o["per_pos"]
+        ax["b"].bar(range(len(pos)), pos, width=1.0, color="tab:blue")
+        ax["b"].set_xlabel("token position (0 = CLS)" if data["arch"] == "vit" else "token position (0-based)")
+        ax["b"].set_title("(b) outliers per token position", fontsize=10)
+    # (c) the chosen head's attention probabilities on the first positions of one sequence
+    n = min(len(att["tokens"]), 32)
+    probs = [row[:n] for row in att["probs"][:n]]
+    im = ax["c"].imshow(probs, cmap="viridis", vmin=0.0, vmax=1.0)
+    _ticks(ax["c"], att["tokens"][:n], "both", 7)
+    ax["c"].set_xlabel("key j")
+    ax["c"].set_ylabel("query i")
+    gate = ""
+    if att.get("gate"):
+        g = att["gate"][:n]
+        gate = f"; mean gate pi on these queries {sum(g) / len(g):.2f}"
+    ax["c"].set_title(f"(c) attention p_ij, layer {att['layer']}, head {att['head']}, validation sequence "
+                      f"{att['seq_index']}\n(first {n} of {len(att['tokens'])} positions{gate})", fontsize=10)
+    fig.colorbar(im, ax=ax["c"], shrink=0.8)
+    # (d) every head's score, the chosen one framed
+    grid = sc[pick["score"]]
+    what = {"delimiter_mass": "attention mass on " + " ".join(sc.get("delimiters") or []),
+            "zero_fraction": "share of exact zeros in p_ij", "gate_mean": "mean gate probability pi"}[pick["score"]]
+    im = ax["d"].imshow(grid, cmap="magma_r" if pick["score"] == "gate_mean" else "magma", vmin=0.0,
+                        vmax=max(1e-9, max(max(r) for r in grid)), aspect="auto")
+    for i, row in enumerate(grid):
+        for h, v in enumerate(row):
+            ax["d"].text(h, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                         color="white" if (v > 0.5 * max(max(r) for r in grid)) == (pick["score"] == "gate_mean")
+                         else "black")
+    from matplotlib.patches import Rectangle
+    ax["d"].add_patch(Rectangle((pick["head"] - 0.5, pick["layer"] - 0.5), 1, 1, fill=False, edgecolor="cyan",
+                                linewidth=3))
+    ax["d"].set_xticks(range(len(grid[0])))
+    ax["d"].set_yticks(range(len(grid)))
+    ax["d"].set_xlabel("head (0-based)")
+    ax["d"].set_ylabel("layer (0-based)")
+    ax["d"].set_title("(d) " + "\n".join(textwrap.wrap(f"{what}, every head (framed: the head in (c))", 48)),
+                      fontsize=10)
+    fig.colorbar(im, ax=ax["d"], shrink=0.8)
+    inputs = " (original tokens)" if o.get("unmasked") else ""
+    fig.suptitle(f"{_who(data if data.get('run') else o)}: (a, b) outliers (> {o['n_std']:g} sigma) in {o['kind']}, "
+                 f"layer {o['layer']}{inputs};\n(c, d) the head with {pick['criterion']} "
+                 f"(layer {pick['layer']}, head {pick['head']}: {pick['value']:.2f})" + _source_line(data),
+                 fontsize=11)
     fig.savefig(path, dpi=DPI)
 
 
@@ -666,6 +1075,7 @@ class Run:
     task: Task
     eval_batch_size: int
     eval_batches: int
+    source: str = ""  # data, model, training seed (source_label)
 
 
 def load_run(path: str, data: str = "", device: str = "cpu", tasks: dict | None = None) -> Run:
@@ -687,7 +1097,8 @@ def load_run(path: str, data: str = "", device: str = "cpu", tasks: dict | None 
     if key not in tasks:
         tasks[key] = Task.for_run(cfg, run_dir, tc, data)
     model.to(pick_device(device)).eval()
-    return Run(os.path.basename(os.path.normpath(run_dir)), run_dir, model, cfg, tasks[key], *eval_sizes(tc))
+    src = source_label([_source(ck["config"], dict(tc, data=data) if data else tc)])
+    return Run(os.path.basename(os.path.normpath(run_dir)), run_dir, model, cfg, tasks[key], *eval_sizes(tc), src)
 
 
 def _jsonable(x):
@@ -762,7 +1173,7 @@ def cmd_outliers(runs: list[Run], w: Writer, layer, kind, batches, batch_size, n
         nb, bs = batches or r.eval_batches, batch_size or r.eval_batch_size
         L = layer if layer is not None else loudest_layer_and_head(r.model, r.task, kind, nb, bs)[0]
         d = outlier_counts_data(r.model, r.task, L, kind, nb, bs, n_std, unmask=unmask)
-        d["run"] = r.name
+        d["run"], d["source"] = r.name, r.source
         where = "" if stable else f"_layer{L}"
         w.figure(f"fig1_outliers_{r.name}{where}_{kind}{_masked_suffix(r, unmask)}", d, plot_outlier_counts)
 
@@ -783,9 +1194,10 @@ def _pick(runs, layer, head, kind, batches):
 def cmd_attention(runs: list[Run], w: Writer, layer, head, seq, unmask, batches, stable=False):
     layer, head = _pick(runs, layer, head, "ffn_out", batches)
     datas = []
+    source = source_label([_parse_source(r) for r in runs])
     for r in runs:
         d = attention_pattern_data(r.model, r.task, layer, head, seq, unmask)
-        d["run"] = r.name
+        d["run"], d["source"] = r.name, source
         datas.append(d)
     if len({tuple(d["input_ids"] or ()) for d in datas}) > 1:
         print("warning: the runs see different token ids for this sequence (different data or vocabularies)",
@@ -805,7 +1217,7 @@ def cmd_vit(runs: list[Run], w: Writer, layer, attn_layer, head, image, kind, ba
     for r in runs:
         L, Hd = _pick([r], layer, head, kind, batches)
         d = vit_patch_data(r.model, r.task, L, Hd, image, kind, attn_layer)
-        d["run"] = r.name
+        d["run"], d["source"] = r.name, r.source
         where = "" if stable else f"_layer{L}_head{Hd}_image{image}"
         w.figure(f"fig3_vit_{r.name}{where}", d, plot_vit_patches)
 
@@ -813,6 +1225,9 @@ def cmd_vit(runs: list[Run], w: Writer, layer, attn_layer, head, image, kind, ba
 def cmd_sweep(paths: list[str], w: Writer, param, extra_rows=()):
     for p in paths:
         d = sweep_data(load_results(p) + list(extra_rows), param)
+        folder = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+        d["source"] = source_label([run_source(os.path.join(folder, x["row"])) for x in load_results(p)
+                                    if x.get("row") and os.path.isdir(os.path.join(folder, x["row"]))])
         folder = os.path.basename(os.path.normpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
         suffix = f"_{folder}" if len(paths) > 1 else ""
         w.figure(f"fig{d['figure']}_{d['label']}{suffix}", d, plot_sweep, sweep_table(d))
@@ -826,7 +1241,59 @@ def cmd_growth(paths: list[str], w: Writer, kind):
             label += "'"
         logs[label] = p
     d = growth_data(logs, kind)
+    d["source"] = source_label([run_source(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)))
+                                for p in paths])
     w.figure(f"growth_{kind}", d, plot_growth, growth_table(d))
+
+
+def _parse_source(r: Run) -> dict | None:
+    """A Run's source as a dict again (source_label joins several runs' sources)."""
+    return run_source(r.path)
+
+
+def cmd_panels(runs: list[Run], w: Writer, layer, kind, seq, unmask, batches, stable=False):
+    """Figures 2 / 3 style panels, one figure per run: outliers of `kind` in `layer` (default: the run's loudest
+    layer) per hidden dimension and per token type, and the attention map of the head the variant uses to do
+    nothing."""
+    for r in runs:
+        nb = batches or r.eval_batches
+        L = layer if layer is not None else loudest_layer_and_head(r.model, r.task, kind, nb, r.eval_batch_size)[0]
+        d = variant_panel_data(r.model, r.task, L, kind, seq, nb, r.eval_batch_size, unmask)
+        d["run"], d["source"] = r.name, r.source
+        where = "" if stable else f"_layer{L}_seq{seq}"
+        w.figure(f"panels_{r.name}{where}{_masked_suffix(r, unmask)}", d, plot_variant_panel)
+
+
+def seed_folders(folder: str) -> dict:
+    """{seed: folder} of a reproduce.py --seeds folder (sub-folders seed-<S> holding results.json), else {}."""
+    out = {}
+    for s in os.listdir(folder) if os.path.isdir(folder) else []:
+        p = os.path.join(folder, s)
+        if s.startswith("seed-") and s[5:].isdigit() and os.path.isfile(os.path.join(p, "results.json")):
+            out[int(s[5:])] = p
+    return dict(sorted(out.items()))
+
+
+def cmd_headline(folder: str, w: Writer, kind: str = "ffn_out") -> None:
+    """The headline figure of a reproduction folder (its results.json) or of a --seeds folder (every
+    seed-<S>/results.json): per variant the inf-norm per layer, the PTQ gaps and the FP metric."""
+    seeds = seed_folders(folder)
+    if not seeds:
+        if not os.path.isfile(os.path.join(folder, "results.json")):
+            raise FigureError(f"{folder!r} holds no results.json (nor seed-<S>/results.json): run "
+                              f"scripts/reproduce.py first, or give its output folder")
+        seeds = {None: folder}
+    results, sources = {}, []
+    for s, f in seeds.items():
+        rows = load_results(f)
+        run_sources = [run_source(os.path.join(f, r["row"])) for r in rows
+                       if r.get("row") and os.path.isdir(os.path.join(f, r["row"]))]
+        sources += run_sources
+        if s is None:  # one reproduction: its training seed from the rows' logs
+            s = next((x["seed"] for x in run_sources if x and x.get("seed") is not None), 0)
+        results[s] = rows
+    d = headline_data(results, source_label(sources), kind)
+    w.figure(HEADLINE, d, plot_headline, headline_table(d))
 
 
 def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=None, seq: int = 0, image: int = 0,
@@ -841,6 +1308,15 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"reproduction folder {folder!r} does not exist")
     w = Writer(out or os.path.join(folder, "figures"), quiet)
+    seeds = seed_folders(folder)
+    if seeds:  # reproduce.py --seeds: every seed's figures in <out>/seed-<S>, the headline over seeds in <out>
+        for s, f in seeds.items():
+            sub = make_all(f, os.path.join(w.out, f"seed-{s}"), device, layer, head, seq, image, batches, data,
+                           quiet, unmask)
+            w.written += sub.written
+            w.missing_matplotlib |= sub.missing_matplotlib
+        cmd_headline(folder, w)
+        return w
     if os.path.isfile(os.path.join(folder, "ckpt.pt")) or os.path.isfile(os.path.join(folder, "log.jsonl")):
         subs = [folder]
     else:
@@ -866,6 +1342,7 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
     baseline_rows = []
     if os.path.isfile(table):
         rows = load_results(table)
+        cmd_headline(folder, w)
         baseline_rows = [r for r in rows if r["config"].get("attn_mode") == "softmax"][:1]
         try:
             cmd_sweep([table], w, None)
@@ -889,6 +1366,7 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
         kind = "ffn_residual_sum" if vit else "ffn_out"
         layer, head = _pick(runs, layer, head, kind, batches)
         cmd_outliers(runs, w, layer, kind, batches, 0, N_STD, unmask, stable=True)
+        cmd_panels(runs, w, layer, kind, seq if not vit else image, unmask, batches, stable=True)
         if vit:
             cmd_vit(runs, w, layer, None, head, image, kind, batches, stable=True)
         else:

@@ -101,7 +101,10 @@ def main(argv=None):
                                                           "cores, else 1); CPU threads are split between them")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per row (0: the cores split between the "
                                                              "jobs); set it when other work shares the machine")
-    ap.add_argument("--plots", action="store_true", help="draw the figures (scripts/figures.py all) at the end")
+    ap.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                    help="draw the figures at the end (scripts/figures.py all <out>) into <out>/figures: with "
+                         "matplotlib the PNGs, without it their data (.json, .csv) and how to get the PNGs; "
+                         "--no-plots skips them")
     ap.add_argument("--train-args", default="", help="extra train.py flags for every row, e.g. '--lr 1e-3'")
     ap.add_argument("--baselines", action="store_true",
                     help="then evaluate every row's checkpoint with the post-hoc PTQ baselines too (SmoothQuant; "
@@ -129,12 +132,27 @@ def main(argv=None):
         run_rows(folder, rows, seed, args, jobs, threads)
         if args.baselines:
             run_baselines(folder, rows, args, jobs, threads)
-        if args.plots:
-            import figures  # scripts/ is on sys.path when this file runs as a script
-            figures.make_all(folder).finish()
     if args.seeds:
         write_seed_summary(out, rows, seeds)
         print(open(os.path.join(out, "seeds.md")).read())
+    if args.plots:
+        draw_figures(out)
+
+
+def draw_figures(out):
+    """Every figure of the reproduction folder `out` (scripts/figures.py all <out>) into <out>/figures; without
+    matplotlib the figures' data and one line saying how to get the pictures."""
+    import figures  # scripts/ is on sys.path when this file runs as a script
+    print(f"== figures: python scripts/figures.py all {out}", flush=True)
+    w = figures.make_all(out, quiet=True)
+    pngs = [p for p in w.written if p.endswith(".png")]
+    if w.missing_matplotlib:
+        print(f"figures: matplotlib is not installed, so only the data behind each figure was written to {w.out} "
+              f"(.json / .csv); for the PNGs: {figures.INSTALL}, then python scripts/figures.py all {out}")
+    else:
+        print(f"figures: {len(pngs)} PNGs in {w.out}" +
+              (f" (headline: {os.path.join(w.out, figures.HEADLINE + '.png')})" if any(
+                  os.path.basename(p) == figures.HEADLINE + ".png" for p in pngs) else ""))
 
 
 def run_rows(out, rows, seed, args, jobs, threads):
