@@ -1,4 +1,5 @@
-"""Integer execution of a calibrated W8A8 model: its linear layers run int8 x int8 -> int32 with `torch._int_mm`.
+"""Integer execution of a calibrated W8A8 model: its linear layers run on int8 codes, with the kernel that is fast
+on the machine at hand (torch's quantized engine, or `torch._int_mm`).
 
 The paper (and quant.py) simulate quantization in floating point ("fake quant"): every tensor is rounded to its
 grid and kept as float. Here the linear layers of a calibrated quantized copy (quant.quantize_model + calibrate)
@@ -10,14 +11,32 @@ codes q_w on the symmetric grid (z_w = 0) with scale s_w (per tensor, or per out
             = s_x s_w[n] (sum_k q'_x[m, k] q_w[n, k] - z'_x sum_k q_w[n, k]) + b[n]
     with q'_x = q_x - 128 and z'_x = z_x - 128, so that q'_x fits int8 (activations up to 8 bits);
 
-the sum over k is one `torch._int_mm` (exact int32 accumulation: |acc| <= K * 255 * 128 < 2^31 for K < 65,000),
-the zero point is the correction term z'_x * rowsum(q_w) (precomputed), and the rescale s_x s_w[n] and the bias
-are one float multiply-add. The output then goes through the same output quantizer as in the simulation, so the
-next layer sees the same grid. Float stays: LayerNorm, softmax, GELU / ReLU, residual adds, the attention's two
-matmuls (Q K^T, P V: batched, and both operands carry zero points), the per-head gate (an einsum of d_head
-numbers) and the final linear layer (left in FP by PTQ): these run as in the simulated model, on dequantized
-values. Compared with the simulation, an integer layer differs only by the float rounding of the simulated
-matmul (the integer accumulator is exact).
+and then the layer's output quantizer (Eq. 1 again, with the calibrated s_out, z_out), so the next layer sees the
+same grid as in the simulation. Two kernels compute it (`KERNELS`):
+
+  "qengine"  torch's quantized engine (`torch.backends.quantized.engine`: "x86" / "fbgemm" = FBGEMM on x86,
+             "qnnpack" on ARM, "onednn"): `torch.ops.quantized.linear` on quint8 activations (s_x, z_x) and a
+             prepacked qint8 weight. It requantizes its own output: q_out = clip(rint((acc + b / (s_x s_w)) *
+             (s_x s_w / s_out)) + z_out, 0, 255) in float32 (FBGEMM), the same number as the simulation's
+             clip(round(y * (1 / s_out)) + z_out) up to float rounding, so a code can differ by one step where y
+             sits on a rounding boundary (tests/test_int8.py bounds it); grids narrower than 8 bits are clipped
+             afterwards. A layer without an output quantizer (e.g. skip_outputs) takes the float-output static op
+             `quantized.linear_with_input_q_dq_qweight_dq_output_fp32` (FBGEMM only; the same accumulator, then
+             acc s_x s_w + b in float32, like "int_mm"). Without VNNI, FBGEMM multiplies u8 x s8 PAIRS into int16
+             with saturation (vpmaddubsw), which full 8-bit grids can overflow; `engine_probe` detects this with
+             two tiny products, and then every weight pair (k = 2j, 2j + 1) that could overflow (same sign,
+             q_max(x) (|q_w0| + |q_w1|) > 32767) is spread over four packed columns, each weight split in two
+             halves that read the same input column (`_spread_overflowing_pairs`). The accumulator is exact.
+  "int_mm"   `torch._int_mm` (int8 x int8 -> int32, exact), the zero point as the correction term
+             z'_x * rowsum(q_w) (precomputed), the rescale s_x s_w[n] and the bias one float multiply-add, then
+             the output quantizer in float. Fast on CUDA and on CPUs with VNNI / AMX (oneDNN); without VNNI torch
+             falls back to a plain loop 20-40x slower than an fp32 matmul (docs/results.md).
+
+`choose_kernel` picks one ("auto", the rule in its docstring, or forced); `kernel_line(report)` is the one line
+that says which ran. Float stays, on every kernel: LayerNorm, softmax, GELU / ReLU, residual adds, the
+attention's two matmuls (Q K^T, P V: batched, and both operands carry zero points; torch has no static integer
+batched matmul), the per-head gate (an einsum of d_head numbers) and the final linear layer (left in FP by PTQ):
+these run as in the simulated model, on dequantized values (`FLOAT_PARTS`).
 
 Which grid a layer's input is on is found by tracing, not from the model's structure: `to_int8` runs one batch
 and matches each quantized linear layer's input to the activation quantizer that produced those exact values
@@ -30,16 +49,26 @@ Imports torch and quant.py only.
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 from quant import ActQuantizer, quantized_linears, linear_input_quantizers, quantize
 
-__all__ = ["int8_codes", "int_matmul", "Int8Linear", "to_int8"]
+__all__ = ["KERNELS", "FLOAT_PARTS", "int8_codes", "int_matmul", "cpu_info", "engine_probe", "choose_kernel",
+           "Int8Linear", "to_int8", "kernel_line"]
 
 _SHIFT = 128  # unsigned 8-bit codes [0, 255] -> int8 [-128, 127]
+_INT16_MAX = 32767  # a u8 x s8 pair product sum above this saturates in vpmaddubsw (FBGEMM without VNNI)
+KERNELS = ("auto", "qengine", "int_mm")
+FLOAT_PARTS = ("LayerNorm", "softmax", "GELU / ReLU", "residual adds", "Q K^T and P V", "the per-head gate",
+               "the final linear layer")
 
+
+# ============================================================================================ integer arithmetic
 
 def int8_codes(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """The int8 codes q' = clip(round(x * (1 / s)) + z, qmin, qmax) - 128 of an unsigned grid of at most 8 bits
@@ -64,16 +93,134 @@ def _int_mm_supports(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cpu" or (M > 16 and K % 8 == 0 and N % 8 == 0)
 
 
+# ================================================================================ torch's quantized engine
+
+@contextmanager
+def _engine(name: str):
+    """torch.backends.quantized.engine = name inside the block (prepacking reads it; a packed weight then keeps
+    its engine), restored after; torch's deprecation warning on quantized tensors silenced inside."""
+    old = torch.backends.quantized.engine
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize.*deprecated")
+            torch.backends.quantized.engine = name
+            yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def _qtensor(codes: torch.Tensor, scale, zero_point, axis: int | None = None) -> torch.Tensor:
+    """A quantized tensor (quint8 from uint8 codes, qint8 from int8) holding exactly these codes."""
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    if axis is None or scale.ndim == 0:
+        return torch._make_per_tensor_quantized_tensor(codes, float(scale), int(zero_point))
+    return torch._make_per_channel_quantized_tensor(codes, scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                                    axis)
+
+
+def _float_out_op():
+    return getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+
+
+def _probe_linear(engine: str, x_codes, w_codes) -> torch.Tensor:
+    """sum_k x[m, k] w[n, k] through the engine's static linear (x uint8 codes with s = 1, z = 0; w int8 codes),
+    read back on an output grid of step 254 (zero point 0), on which the exact 2 * 255 * 127 = 64770 is code 255."""
+    with _engine(engine):
+        packed = torch.ops.quantized.linear_prepack(_qtensor(w_codes, 1.0, 0), None)
+        out = torch.ops.quantized.linear(_qtensor(x_codes, 1.0, 0), packed, 254.0, 0)
+    return out.int_repr().long() * 254
+
+
+@functools.lru_cache(maxsize=None)
+def engine_probe(engine: str | None = None) -> dict:
+    """What torch's quantized engine `engine` (default: torch.backends.quantized.engine) does on this machine,
+    from two tiny products (microseconds, cached):
+
+    {"engine": name, "usable": bool, "why": str, "pairs_saturate": bool, "float_out": bool}
+      pairs_saturate  255 * 127 + 255 * 127 (one pair k = 0, 1) comes back clipped to 32767: u8 x s8 pairs are
+                      summed in int16 with saturation (FBGEMM / oneDNN without VNNI); Int8Linear then spreads
+                      the weight pairs that could overflow over four columns (module docstring);
+      usable          False if the engine is missing, or if it saturates on pairs other than (2j, 2j + 1) (then
+                      the split would not help);
+      float_out       the float-output static op exists for this engine (FBGEMM).
+    """
+    engine = engine or torch.backends.quantized.engine
+    r = {"engine": engine, "usable": False, "why": "", "pairs_saturate": False, "float_out": False}
+    if engine in (None, "none") or engine not in torch.backends.quantized.supported_engines:
+        r["why"] = f"no quantized engine {engine!r} in this torch (supported: " \
+                   f"{torch.backends.quantized.supported_engines})"
+        return r
+    x = torch.full((1, 4), 255, dtype=torch.uint8)
+    w = torch.tensor([[127, 127, 0, 0], [0, 127, 127, 0]], dtype=torch.int8)  # a pair, and a pair across pairs
+    try:
+        got = _probe_linear(engine, x, w)[0].tolist()
+        r["float_out"] = _float_out_op() is not None and engine in ("x86", "fbgemm")
+    except (RuntimeError, NotImplementedError) as e:
+        r["why"] = f"engine {engine!r} has no static quint8 x qint8 linear here ({str(e).splitlines()[0][:80]})"
+        return r
+    exact = 2 * 255 * 127
+    r["pairs_saturate"] = got[0] != exact
+    if got[1] != exact:
+        r["why"] = f"engine {engine!r} saturates products other than adjacent pairs (got {got}, want {exact})"
+        return r
+    r["usable"] = True
+    r["why"] = "u8 x s8 pairs saturate in int16 (no VNNI): overflowing weight pairs are spread" \
+        if r["pairs_saturate"] else "exact int32 accumulation"
+    return r
+
+
+def cpu_info() -> dict:
+    """The facts the kernel choice reads: {"capability": torch.backends.cpu.get_cpu_capability() ("AVX2",
+    "AVX512", ...), "vnni": AVX-512 VNNI, "amx": AMX tiles, "qengine": torch.backends.quantized.engine}."""
+    cpu = getattr(torch, "cpu", None)
+    flag = lambda name: bool(getattr(cpu, name, lambda: False)())  # noqa: E731  (private helpers, torch >= 2.1)
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "vnni": flag("_is_vnni_supported"),
+            "amx": flag("_is_amx_tile_supported"), "qengine": torch.backends.quantized.engine}
+
+
+def choose_kernel(kernel: str = "auto", device="cpu") -> tuple[str, str]:
+    """(kernel, why): the kernel Int8Linear layers run on `device`.
+
+    kernel="int_mm" or "qengine" forces it (ValueError if "qengine" cannot run here: a CUDA device, or no usable
+    quantized engine). kernel="auto" is the rule:
+      1. CUDA: "int_mm" (the quantized engine has CPU kernels only);
+      2. CPU with a usable quantized engine (engine_probe): "qengine" -- FBGEMM / QNNPACK are fast with and
+         without VNNI, and on the AVX-512 VNNI + AMX machine we measured they beat `_int_mm` per layer too,
+         because the input quantization, the requantization and the dequantization are fused into the kernel;
+      3. otherwise "int_mm".
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    device = torch.device(device)
+    probe = engine_probe()
+    if kernel == "int_mm":
+        return "int_mm", "forced (kernel='int_mm')"
+    if kernel == "qengine":
+        if device.type != "cpu":
+            raise ValueError(f"kernel='qengine': torch's quantized engine runs on the CPU only, not on {device}")
+        if not probe["usable"]:
+            raise ValueError(f"kernel='qengine': {probe['why']}")
+        return "qengine", "forced (kernel='qengine')"
+    if device.type != "cpu":
+        return "int_mm", f"auto: {device.type} device"
+    if probe["usable"]:
+        return "qengine", "auto: a usable quantized engine on the CPU"
+    return "int_mm", f"auto: {probe['why']}"
+
+
+# =========================================================================================== the integer layer
+
 class Int8Linear(nn.Module):
-    """A linear layer computed on integer codes (module docstring for the formula).
+    """A linear layer computed on integer codes (module docstring for the formula and the two kernels).
 
     Buffers: weight_codes (N, K) int8, w_scale () or (N,) float32, rowsum (N,) int32 = sum_k q_w[n, k], bias (N,)
     float32 or None, in_scale () float32, in_zero () int32 (unshifted z_x), in_qmin / in_qmax. `output_quantizer`
-    (the simulation's ActQuantizer of this layer's output) is applied to the result if present.
+    (the simulation's ActQuantizer of this layer's output) is applied to the result if present. `kernel`:
+    "int_mm" or "qengine" (then `engine`, the quantized engine the weight is packed for).
     """
 
     def __init__(self, weight_codes, w_scale, bias, in_scale, in_zero, in_qmin: int, in_qmax: int,
-                 output_quantizer: nn.Module | None = None):
+                 output_quantizer: nn.Module | None = None, kernel: str = "int_mm", engine: str | None = None):
         super().__init__()
         self.register_buffer("weight_codes", weight_codes.to(torch.int8).contiguous())  # (N, K)
         self.register_buffer("w_scale", torch.as_tensor(w_scale, dtype=torch.float32))
@@ -84,24 +231,61 @@ class Int8Linear(nn.Module):
         self.in_qmin, self.in_qmax = int(in_qmin), int(in_qmax)
         self.out_features, self.in_features = self.weight_codes.shape
         self.output_quantizer = output_quantizer
+        self.kernel, self.engine = "int_mm", None
+        if kernel == "qengine":
+            self._pack(engine or torch.backends.quantized.engine)
+        elif kernel != "int_mm":
+            raise ValueError(f"Int8Linear: kernel must be 'int_mm' or 'qengine', got {kernel!r}")
 
     @classmethod
-    def from_quantized(cls, linear: nn.Linear, in_quantizer: ActQuantizer) -> "Int8Linear":
+    def from_quantized(cls, linear: nn.Linear, in_quantizer: ActQuantizer, kernel: str = "int_mm",
+                       engine: str | None = None) -> "Int8Linear":
         """From a simulated linear layer (weight parametrized by a WeightQuantizer) and its input's quantizer."""
         wq = linear.parametrizations.weight[0]
         w = linear.parametrizations.weight.original.detach()
         linear.weight  # noqa: B018  (refreshes the quantizer's (s, z) for the current weight)
         codes = quantize(w.float(), wq.scale, wq.zero_point, wq.qmin, wq.qmax, wq.axis)  # (N, K), on the grid
         return cls(codes, wq.scale, linear.bias, in_quantizer.scale, in_quantizer.zero_point, in_quantizer.qmin,
-                   in_quantizer.qmax, getattr(linear, "output_quantizer", None))
+                   in_quantizer.qmax, getattr(linear, "output_quantizer", None), kernel=kernel, engine=engine)
 
+    # ------------------------------------------------------------------------------------------ qengine set-up
+    def _requantizes(self) -> bool:
+        """The engine can requantize this layer's output itself: an enabled, calibrated output quantizer on an
+        unsigned grid of at most 8 bits (the engine's quint8)."""
+        q = self.output_quantizer
+        return (isinstance(q, ActQuantizer) and q.enabled and not q.observing and q.scale is not None
+                and q.qmin >= 0 and q.qmax <= 255)
+
+    def _pack(self, engine: str) -> None:
+        """Prepack the weight for torch's quantized engine (ValueError if it cannot compute this layer exactly)."""
+        probe = engine_probe(engine)
+        if not probe["usable"]:
+            raise ValueError(f"Int8Linear: {probe['why']}")
+        if self.weight_codes.device.type != "cpu":
+            raise ValueError("Int8Linear: torch's quantized engine runs on the CPU only")
+        columns, codes = None, self.weight_codes
+        if probe["pairs_saturate"]:
+            columns, codes = _spread_overflowing_pairs(self.weight_codes, self.in_qmax)
+        if not self._requantizes() and not probe["float_out"]:
+            raise ValueError(f"Int8Linear: no 8-bit output quantizer: the float-output static op is needed, which "
+                             f"engine {engine!r} lacks")
+        axis = 0 if self.w_scale.ndim else None
+        with _engine(engine):
+            self._packed = torch.ops.quantized.linear_prepack(_qtensor(codes, self.w_scale, 0, axis), self.bias)
+        self.columns = columns  # None, or (K',) long: the input columns the packed weight reads (spread pairs)
+        self.kernel, self.engine = "qengine", engine
+        self._s_in, self._z_in = float(self.in_scale), int(self.in_zero)
+
+    # --------------------------------------------------------------------------------------------- computing
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float on the input grid -> (M, N) int32: sum_k (q_x - z_x) q_w[n, k], exact."""
+        """x (..., K) float on the input grid -> (M, N) int32: sum_k (q_x - z_x) q_w[n, k], exact (torch._int_mm)."""
         q = int8_codes(x.reshape(-1, self.in_features), self.in_scale, self.in_zero, self.in_qmin, self.in_qmax)
         acc = int_matmul(q, self.weight_codes.t())  # (M, K) @ (K, N): the weight read in column-major order
         return acc.sub_((self.in_zero - _SHIFT) * self.rowsum)  # zero-point correction z'_x * rowsum(q_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "qengine":
+            return self._forward_qengine(x)
         acc = self.accumulate(x)  # (M, N) int32
         y = acc.to(torch.float32).mul_(self.in_scale * self.w_scale)  # rescale: s_x s_w (per channel: (N,))
         if self.bias is not None:
@@ -109,23 +293,78 @@ class Int8Linear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return self.output_quantizer(y) if self.output_quantizer is not None else y
 
+    def _forward_qengine(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K), on the input grid
+        if self.columns is not None:
+            x2 = x2.index_select(1, self.columns)  # (M, K'): the spread pairs read their columns twice
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize.*deprecated")
+            if self._requantizes():  # the engine requantizes: one op in, one op out
+                q = self.output_quantizer
+                qx = torch.quantize_per_tensor(x2, self._s_in, self._z_in, torch.quint8)
+                y = torch.ops.quantized.linear(qx, self._packed, float(q.scale), int(q.zero_point)).dequantize()
+                if q.qmin > 0 or q.qmax < 255:  # a grid narrower than quint8's: clip as the simulation does
+                    s, z = float(q.scale), int(q.zero_point)
+                    y.clamp_((q.qmin - z) * s, (q.qmax - z) * s)
+                return y.reshape(*x.shape[:-1], self.out_features)
+            y = _float_out_op()(x2, self._s_in, self._z_in, self._packed)  # acc s_x s_w + b, float32
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return self.output_quantizer(y) if self.output_quantizer is not None else y
+
     def extra_repr(self) -> str:
         per = "per-channel" if self.w_scale.ndim else "per-tensor"
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight int8 {per}"
+        kernel = f"qengine ({self.engine})" if self.kernel == "qengine" else "int_mm"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight int8 {per}, {kernel}"
 
 
-def to_int8(qmodel: nn.Module, batch, forward_fn=None) -> tuple[nn.Module, dict]:
+def _spread_overflowing_pairs(codes: torch.Tensor, in_qmax: int):
+    """For an engine that sums u8 x s8 products in int16 pairs (k = 2j, 2j + 1) with saturation: codes (N, K) int8
+    -> (columns (K',) long or None, packed codes (N, K') int8). Every pair whose products can pass 32767 in some
+    row (same sign and in_qmax (|q_w0| + |q_w1|) > 32767) is spread over four columns: each of its two input
+    columns is read twice (columns[i] = k), with the weight halves trunc(q_w / 2) and q_w - trunc(q_w / 2), so
+    each new pair holds one weight split in two (|sum| <= 255 * 127) and sum_k (q_x - z_x) q_w is unchanged.
+    (None, codes) when no pair can overflow (always, for inputs of 7 bits or fewer)."""
+    N, K = codes.shape
+    w = codes.to(torch.int32)
+    wp = w[:, : K - K % 2].reshape(N, -1, 2)  # (N, K // 2, 2); an odd last column has no partner
+    risky = ((wp[..., 0] * wp[..., 1] > 0) & (in_qmax * wp.abs().sum(-1) > _INT16_MAX)).any(0)  # (K // 2,)
+    if not bool(risky.any()):
+        return None, codes
+    spread = torch.zeros(K, dtype=torch.long)
+    spread[: K - K % 2] = risky.repeat_interleave(2).long()  # (K,) 1 where a column is read twice
+    columns = torch.repeat_interleave(torch.arange(K), 1 + spread)  # (K',), pairs stay on even offsets
+    first = torch.cumsum(1 + spread, 0) - (1 + spread)  # (K,) where each column's first copy sits
+    half = torch.div(w, 2, rounding_mode="trunc")
+    packed = w[:, columns]  # (N, K')
+    k = spread.nonzero().flatten()
+    packed[:, first[k]] = half[:, k]
+    packed[:, first[k] + 1] = w[:, k] - half[:, k]
+    return columns, packed.to(torch.int8)
+
+
+# =========================================================================================== the whole model
+
+def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto") -> tuple[nn.Module, dict]:
     """An integer-executing copy of a calibrated quantized model (quant.quantize_model + quant.calibrate).
 
     Every quantized nn.Linear whose input comes straight from a calibrated activation quantizer of at most 8 bits,
     and whose weight has at most 8 bits, becomes an Int8Linear; `batch` (run once through forward_fn(model, batch),
     default model(batch)) is used only to find each layer's input quantizer. `qmodel` is not changed.
-    Returns (imodel, report) with report = {"int8": [layer names], "simulated": {layer name: why}}.
+    `kernel`: "auto" (choose_kernel's rule, on the device of qmodel's parameters), "qengine" or "int_mm". A layer
+    the quantized engine cannot compute exactly (module docstring) runs on "int_mm", with the reason in
+    report["int_mm_because"].
+    Returns (imodel, report) with report = {"int8": [layer names], "simulated": {layer name: why},
+    "kernel": the kernel chosen, "kernel_why": why, "engine": the quantized engine or None,
+    "kernels": {layer name: kernel}, "int_mm_because": {layer name: why}, "cpu": cpu_info()}.
     """
     forward_fn = forward_fn if forward_fn is not None else (lambda m, b: m(b))
     imodel = copy.deepcopy(qmodel).eval()
+    device = next((p.device for p in imodel.parameters()), torch.device("cpu"))
+    chosen, why = choose_kernel(kernel, device)
+    engine = torch.backends.quantized.engine if chosen == "qengine" else None
     sources = linear_input_quantizers(imodel, batch, forward_fn)
-    report = {"int8": [], "simulated": {}}
+    report = {"int8": [], "simulated": {}, "kernel": chosen, "kernel_why": why, "engine": engine, "kernels": {},
+              "int_mm_because": {}, "cpu": cpu_info()}
     for name, lin in quantized_linears(imodel):
         wq = lin.parametrizations.weight[0]
         src = sources.get(name)
@@ -138,7 +377,30 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None) -> tuple[nn.Module, dict]
         elif not src[1].enabled or src[1].scale is None or src[1].qmin < 0 or src[1].qmax > 255:
             report["simulated"][name] = f"its input quantizer {src[0]} is off, uncalibrated or wider than 8 bits"
         else:
+            try:
+                layer = Int8Linear.from_quantized(lin, src[1], kernel=chosen, engine=engine)
+            except ValueError as e:  # the engine cannot compute this layer exactly: _int_mm can
+                layer = Int8Linear.from_quantized(lin, src[1], kernel="int_mm")
+                report["int_mm_because"][name] = str(e)
             parent_name, _, child = name.rpartition(".")
-            setattr(imodel.get_submodule(parent_name), child, Int8Linear.from_quantized(lin, src[1]))
+            setattr(imodel.get_submodule(parent_name), child, layer)
             report["int8"].append(name)
+            report["kernels"][name] = layer.kernel
     return imodel, report
+
+
+def kernel_line(report: dict) -> str:
+    """One line: which kernel the integer layers ran on, on which CPU, and what stayed in float."""
+    c = report["cpu"]
+    n = len(report["int8"])
+    n_q = sum(k == "qengine" for k in report["kernels"].values())
+    cpu = f"CPU {c['capability']}, VNNI {'yes' if c['vnni'] else 'no'}, AMX {'yes' if c['amx'] else 'no'}"
+    if report["kernel"] == "qengine":
+        probe = engine_probe(report["engine"])
+        what = f"torch.ops.quantized.linear, engine {report['engine']} ({probe['why']})"
+        if n_q < n:
+            what += f"; {n - n_q} on torch._int_mm (see int_mm_because)"
+    else:
+        what = "torch._int_mm"
+    return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_q if report['kernel'] == 'qengine' else n}"
+            f" of {n} linear layers on {what}; {cpu}; float: {', '.join(FLOAT_PARTS)}")

@@ -1,17 +1,28 @@
-"""FP32 vs simulated W8A8 vs integer W8A8: forward time and weight memory, measured side by side in one run.
+"""FP32 vs simulated W8A8 vs integer W8A8 on each integer kernel: forward time and weight memory, side by side.
 
-Two measurements, each with the variants interleaved round by round and the median reported as a ratio:
+It first prints the machine: torch version and threads, the CPU (torch.backends.cpu.get_cpu_capability(), the
+/proc/cpuinfo flags that matter: avx2, avx512f, avx512_vnni, avx_vnni, amx_int8), torch's quantized engine and
+what int8.engine_probe found, the kernel int8.choose_kernel("auto") picks, and any environment variable that
+makes the run an EMULATION of a smaller instruction set (ATEN_CPU_CAPABILITY, FBGEMM_ENABLE_INSTRUCTIONS,
+ONEDNN_MAX_CPU_ISA). Then two measurements, each with the variants interleaved round by round (one warm-up call
+each, the median reported, and the ratio to FP32):
 
-  layers  one linear layer of BERT-base size (768 -> 768 and 768 -> 3072, 128 x batch tokens): FP32 nn.Linear,
-          the simulated W8A8 layer (fake-quantized weight and output, quant.py) and int8.Int8Linear
-          (int8 x int8 -> int32 torch._int_mm), on the same input, already on its 8-bit grid
+  layers  one linear layer of BERT-base size (768 -> 768, 768 -> 3072, 3072 -> 768; 128 x batch tokens): FP32
+          nn.Linear, the simulated W8A8 layer (fake-quantized weight and output, quant.py), and int8.Int8Linear on
+          each kernel (`_int_mm`: torch._int_mm; `qengine`: torch.ops.quantized.linear), on the same input,
+          already on its 8-bit grid
   model   a whole model's forward pass (default: the bert-mid preset, random weights; BERT-base with
-          --preset bert-base): the FP32 model, its simulated W8A8 copy and the integer copy (int8.to_int8)
+          --preset bert-base): the FP32 model, its simulated W8A8 copy and its integer copy on each kernel
+          (int8.to_int8(..., kernel=...))
 
 Weight memory counts the bytes a layer must keep to compute: FP32 weights, or int8 codes + scales + row sums.
+--no-onednn turns oneDNN off (torch.backends.mkldnn), so torch._int_mm runs the plain loop torch uses on a CPU
+without AVX-512 VNNI: with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 it emulates an AVX2 machine on a newer one.
 
     python benchmarks/bench_int8.py                       # about 2 minutes on 2 cores
-    python benchmarks/bench_int8.py --preset bert-base --batch-size 8 --rounds 5
+    python benchmarks/bench_int8.py --preset bert-base --batch-size 8 --batches 2 --rounds 3 --threads 1
+    FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_int8.py --no-onednn \
+        --kernels qengine --preset bert-base --batch-size 8 --batches 2 --rounds 3 --threads 1   # emulated AVX2
 """
 
 import argparse
@@ -62,45 +73,94 @@ def weight_bytes(model: nn.Module) -> int:
     return n
 
 
+EMULATION_VARS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+NAMES = {"fp32": "FP32", "sim": "simulated", "int_mm": "_int_mm", "qengine": "qengine"}
+
+
+def machine(kernels, no_onednn: bool) -> None:
+    """Print what decides the integer kernels' speed on this machine."""
+    flags, model = set(), "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and model == "?":
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    info = int8.cpu_info()
+    probe = int8.engine_probe()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs: {model}")
+    print(f"CPU capability {info['capability']}; cpuinfo flags: "
+          + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS))
+    print(f"quantized engine {probe['engine']} (supported: {', '.join(torch.backends.quantized.supported_engines)}): "
+          f"{'usable' if probe['usable'] else 'NOT usable'}, {probe['why']}")
+    print(f"auto kernel: {' -- '.join(int8.choose_kernel('auto'))}; timing: {', '.join(NAMES[k] for k in kernels)}")
+    emulated = [f"{v}={os.environ[v]}" for v in EMULATION_VARS if v in os.environ]
+    if no_onednn:
+        emulated.append("oneDNN off (torch._int_mm on its plain loop, as without VNNI)")
+    if emulated:
+        print("EMULATED smaller instruction set: " + "; ".join(emulated))
+    print("the ratios are what to compare, the milliseconds depend on the machine")
+
+
+def _ratios(t: dict, unit: float, fmt: str) -> str:
+    return "   ".join(f"{NAMES[k]} {t[k] * unit:{fmt}}" + ("" if k == "fp32" else f" ({t['fp32'] / t[k]:.2f}x)")
+                       for k in t)
+
+
 @torch.no_grad()
-def bench_layers(batch: int, rounds: int) -> None:
-    print(f"\nlinear layers of BERT-base size, {128 * batch} tokens ({batch} x 128), median of {rounds} rounds:")
+def bench_layers(batch: int, rounds: int, kernels) -> None:
+    print(f"\nlinear layers of BERT-base size, {128 * batch} tokens ({batch} x 128), median of {rounds} interleaved "
+          f"rounds, ms (x FP32's speed):")
     for k, n in ((768, 768), (768, 3072), (3072, 768)):
         g = torch.Generator().manual_seed(k + n)
         net = nn.Sequential(nn.LayerNorm(k), nn.Linear(k, n))
+        nn.init.normal_(net[1].weight, 0.0, 0.02)  # BERT's init (model.py), not nn.Linear's uniform one
         xs = [torch.randn(batch, 128, k, generator=g) for _ in range(2)]
         qm = Q.calibrate(Q.quantize_model(net, Q.QuantConfig(skip=())), xs)
-        im, _ = int8.to_int8(qm, xs[0])
         x = qm[0](torch.randn(batch, 128, k, generator=g))  # on the LayerNorm quantizer's grid
-        fp, sim, ilin = net[1], qm[1], im[1]
-        t = interleaved({"fp32": lambda: fp(x), "sim": lambda: sim(x), "int8": lambda: ilin(x)}, rounds)
-        print(f"  {k:>4} -> {n:<4}  FP32 {t['fp32'] * 1e3:7.2f} ms   simulated W8A8 {t['sim'] * 1e3:7.2f} ms "
-              f"({t['fp32'] / t['sim']:.2f}x FP32's speed)   integer W8A8 {t['int8'] * 1e3:7.2f} ms "
-              f"({t['fp32'] / t['int8']:.2f}x FP32's speed)   weights {weight_bytes(net) / 2**20:.2f} -> "
-              f"{weight_bytes(im) / 2**20:.2f} MiB")
+        fns = {"fp32": lambda: net[1](x), "sim": lambda: qm[1](x)}
+        ims = {}
+        for kern in kernels:
+            ims[kern], _ = int8.to_int8(qm, xs[0], kernel=kern)
+            fns[kern] = (lambda lin: lambda: lin(x))(ims[kern][1])
+        t = interleaved(fns, rounds)
+        spread = getattr(ims.get("qengine", [None, None])[1], "columns", None)
+        extra = f"   (qengine reads {len(spread)} input columns: overflowing pairs spread)" if spread is not None else ""
+        print(f"  {k:>4} -> {n:<4}  {_ratios(t, 1e3, '7.2f')}   weights {weight_bytes(net) / 2**20:.2f} -> "
+              f"{weight_bytes(next(iter(ims.values()))) / 2**20 if ims else 0:.2f} MiB{extra}")
 
 
 @torch.no_grad()
-def bench_model(preset: str, batch: int, n_batches: int, rounds: int) -> None:
+def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels) -> None:
     cfg = get_config(preset)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     data = batches_for(cfg, n_batches, batch)
     qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig(skip=tuple(model.ptq_skip))),
                      batches_for(cfg, 2, batch, seed=1), lambda m, b: m(**b))
-    im, report = int8.to_int8(qm, data[0], lambda m, b: m(**b))
 
     def run(m):
         return lambda: [m.forward_features(**b) for b in data]
 
-    t = interleaved({"fp32": run(model), "sim": run(qm), "int8": run(im)}, rounds)
+    fns, reports = {"fp32": run(model), "sim": run(qm)}, {}
+    for kern in kernels:
+        im, reports[kern] = int8.to_int8(qm, data[0], lambda m, b: m(**b), kernel=kern)
+        fns[kern] = run(im)
+    t = interleaved(fns, rounds)
+    rep = next(iter(reports.values()), {"int8": [], "simulated": {}})
     print(f"\n{preset} forward pass (to the final hidden states), {n_batches} batches of {batch} x "
-          f"{cfg.max_seq_len}, median of {rounds} rounds; {len(report['int8'])} linear layers in int8, "
-          f"{len(report['simulated'])} simulated:")
-    print(f"  FP32 {t['fp32']:.3f} s   simulated W8A8 {t['sim']:.3f} s ({t['fp32'] / t['sim']:.2f}x FP32's speed)   "
-          f"integer W8A8 {t['int8']:.3f} s ({t['fp32'] / t['int8']:.2f}x FP32's speed)")
-    print(f"  linear-layer weights: FP32 {weight_bytes(model) / 2**20:.1f} MiB, integer {weight_bytes(im) / 2**20:.1f} "
-          f"MiB (the FP32 LM head, tied to the word embedding, is not counted)")
+          f"{cfg.max_seq_len}, median of {rounds} interleaved rounds; {len(rep['int8'])} linear layers in int8, "
+          f"{len(rep['simulated'])} simulated; s (x FP32's speed):")
+    print(f"  {_ratios(t, 1.0, '.3f')}")
+    for kern, r in reports.items():
+        print(f"  {NAMES[kern]}: {int8.kernel_line(r)}")
+    if reports:
+        print(f"  linear-layer weights: FP32 {weight_bytes(model) / 2**20:.1f} MiB, integer "
+              f"{weight_bytes(im) / 2**20:.1f} MiB (the FP32 LM head, tied to the word embedding, is not counted)")
 
 
 def main():
@@ -110,13 +170,24 @@ def main():
     ap.add_argument("--batches", type=int, default=3, help="batches per whole-model timing")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--kernels", nargs="*", default=["int_mm", "qengine"], choices=["int_mm", "qengine"],
+                    help="integer kernels to time next to FP32 and the simulation (default: both)")
+    ap.add_argument("--no-onednn", action="store_true",
+                    help="turn oneDNN off, so torch._int_mm runs the plain loop a CPU without VNNI gets (emulation)")
+    ap.add_argument("--skip-layers", action="store_true", help="only the whole-model timing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; the ratios are what to compare, the milliseconds depend on the machine")
-    bench_layers(args.batch_size, args.rounds)
-    bench_model(args.preset, args.batch_size, args.batches, args.rounds)
+    if args.no_onednn:
+        torch.backends.mkldnn.enabled = False
+    kernels = [k for k in ("int_mm", "qengine") if k in args.kernels]
+    if "qengine" in kernels and not int8.engine_probe()["usable"]:
+        print(f"qengine left out: {int8.engine_probe()['why']}")
+        kernels.remove("qengine")
+    machine(kernels, args.no_onednn)
+    if not args.skip_layers:
+        bench_layers(args.batch_size, args.rounds, kernels)
+    bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels)
 
 
 if __name__ == "__main__":
