@@ -54,6 +54,14 @@ KINDS = ("attn_out", "attn_residual_sum", "attn_ln_out", "ffn_out", "ffn_residua
 N_STD = 6.0  # section 3, footnote 1
 INSTALL = "pip install matplotlib"
 DPI = 150  # resolution of the PNG files
+# Figure sizes in inches (PNG pixels = inches x DPI): 11 inches wide reads at a README's width (about 900 px).
+FIGSIZE = {"fig1": (11, 3.6), "fig3": (17, 3.8), "sweep": (10, 3.6), "growth": (11, 3.9), "headline": (11, 4.4),
+           "panels": (11, 9.2)}
+
+
+def fig2_size(n_runs: int, gated: bool) -> tuple[float, float]:
+    """Figure 2's size in inches: a row per run, 3 columns (4 with a gate column)."""
+    return 3.9 * (4 if gated else 3), 3.9 * n_runs + 0.6
 SWEEPS = {  # results.json config field -> (attention mode, name in the paper, figure number)
     "clip_alpha": ("clipped", "alpha", 6),
     "gate_init": ("gated", "pi_init", 7),
@@ -718,7 +726,7 @@ def _who(d: dict) -> str:
 
 def plot_outlier_counts(data: dict, path: str) -> None:
     """Figure 1: outlier counts per token position (blue) and per hidden dimension (green)."""
-    fig = _figure(11, 3.4)
+    fig = _figure(*FIGSIZE["fig1"])
     ax1, ax2 = fig.subplots(1, 2)
     pos, dim = data["per_pos"], data["per_dim"]
     ax1.bar(range(len(pos)), pos, width=1.0, color="tab:blue")
@@ -752,7 +760,7 @@ def plot_attention_patterns(datas: list[dict], path: str) -> None:
     ncol = 4 if gated else 3
     T = max(len(d["tokens"]) for d in datas)
     fs = max(2.5, min(7.0, 280.0 / T))
-    fig = _figure(3.9 * ncol, 3.9 * len(datas) + 0.4)
+    fig = _figure(*fig2_size(len(datas), gated))
     axes = fig.subplots(len(datas), ncol, squeeze=False)
     pmax = max(max(max(r) for r in d["product"]) for d in datas) or 1.0
     vmax = max(max(d["value_norms"]) for d in datas) or 1.0
@@ -791,7 +799,7 @@ def plot_attention_patterns(datas: list[dict], path: str) -> None:
 def plot_vit_patches(data: dict, path: str) -> None:
     """Figure 3: (a) image, (b) outliers per patch, (c) attention mass per patch, (d) probabilities, (e) mean value
     norm of outlier vs other patches."""
-    fig = _figure(17, 3.8)
+    fig = _figure(*FIGSIZE["fig3"])
     ax = fig.subplots(1, 5)
     ax[0].imshow(data["image"])
     ax[0].set_title(f"(a) image {data['image_index']} ({data['class_name']})", fontsize=8)
@@ -824,7 +832,7 @@ def plot_vit_patches(data: dict, path: str) -> None:
 
 def plot_sweep(data: dict, path: str) -> None:
     """Figures 6 / 7: the FP metric (solid) and PTQ means (dashed), and the max inf-norm, against x."""
-    fig = _figure(10, 3.6)
+    fig = _figure(*FIGSIZE["sweep"])
     ax1, ax2 = fig.subplots(1, 2)
     xs = [p["x"] for p in data["points"]]
     m = data["metric"]
@@ -859,23 +867,25 @@ def plot_sweep(data: dict, path: str) -> None:
 
 def plot_growth(data: dict, path: str) -> None:
     """Max inf-norm, kurtosis and the validation metric of every run against the training step."""
-    fig = _figure(14, 3.6)
+    fig = _figure(*FIGSIZE["growth"])
     axes = fig.subplots(1, 3)
     k = data["kind"]
     metric = "ppl"
-    for label, r in data["runs"].items():
-        axes[0].plot(r["step"], r["max_inf_norm"], "o-", ms=3, label=label)
-        axes[1].plot(r["step"], [math.nan if v is None else v for v in r["kurtosis"]], "o-", ms=3, label=label)
-        axes[2].plot(r["step"], [math.nan if v is None else v for v in r["val"]], "o-", ms=3, label=label)
+    colors = _row_colors(list(data["runs"].values()))
+    for (label, r), c in zip(data["runs"].items(), colors):
+        axes[0].plot(r["step"], r["max_inf_norm"], "o-", ms=3, label=label, color=c)
+        axes[1].plot(r["step"], [math.nan if v is None else v for v in r["kurtosis"]], "o-", ms=3, label=label,
+                     color=c)
+        axes[2].plot(r["step"], [math.nan if v is None else v for v in r["val"]], "o-", ms=3, label=label, color=c)
         metric = r["metric"]
     for a, t in zip(axes, (f"max inf-norm of {k}", f"kurtosis of {k}",
                            "validation perplexity" if metric == "ppl" else "validation accuracy (%)")):
         a.set_xlabel("training step")
-        a.set_title(t, fontsize=9)
+        a.set_title(t, fontsize=10)
         a.grid(alpha=0.3)
     if metric == "ppl":
         axes[2].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=9)
     fig.suptitle(f"Growth of outliers during training ({k}), one line per run" + _source_line(data), fontsize=11)
     fig.savefig(path, dpi=DPI)
 
@@ -903,7 +913,7 @@ def plot_headline(data: dict, path: str) -> None:
     rows, bits, m = data["rows"], data["bits"], data["metric"]
     colors = _row_colors(rows)
     n_seeds = len(data["seeds"])
-    fig = _figure(11, 4.4)
+    fig = _figure(*FIGSIZE["headline"])
     ax = fig.subplots(1, 3, width_ratios=[1.35, 1.25, 0.9])
     labels = ["\n".join(textwrap.wrap(r["label"], 13)) for r in rows]
     # (a) inf-norm per layer, one bar per row in each layer's group
@@ -983,7 +993,7 @@ def plot_variant_panel(data: dict, path: str) -> None:
     attention map of the head the variant uses to do nothing, (d) every head's score for that choice."""
     import textwrap
     o, att, pick, sc = data["outliers"], data["attention"], data["noop_head"], data["scores"]
-    fig = _figure(11, 9.2)
+    fig = _figure(*FIGSIZE["panels"])
     ax = fig.subplot_mosaic([["a", "b"], ["c", "d"]], width_ratios=[1.25, 1], height_ratios=[1, 1.45])
     # (a) per hidden dimension
     dims = o["per_dim"]
@@ -1033,7 +1043,8 @@ def plot_variant_panel(data: dict, path: str) -> None:
     if att.get("gate"):
         g = att["gate"][:n]
         gate = f"; mean gate pi on these queries {sum(g) / len(g):.2f}"
-    ax["c"].set_title(f"(c) attention p_ij, layer {att['layer']}, head {att['head']}, validation sequence "
+    what = "image" if data["arch"] == "vit" else "sequence"
+    ax["c"].set_title(f"(c) attention p_ij, layer {att['layer']}, head {att['head']}, validation {what} "
                       f"{att['seq_index']}\n(first {n} of {len(att['tokens'])} positions{gate})", fontsize=10)
     fig.colorbar(im, ax=ax["c"], shrink=0.8)
     # (d) every head's score, the chosen one framed
@@ -1044,7 +1055,7 @@ def plot_variant_panel(data: dict, path: str) -> None:
                         vmax=max(1e-9, max(max(r) for r in grid)), aspect="auto")
     for i, row in enumerate(grid):
         for h, v in enumerate(row):
-            ax["d"].text(h, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+            ax["d"].text(h, i, f"{v:.2g}", ha="center", va="center", fontsize=8,
                          color="white" if (v > 0.5 * max(max(r) for r in grid)) == (pick["score"] == "gate_mean")
                          else "black")
     from matplotlib.patches import Rectangle
@@ -1241,9 +1252,17 @@ def cmd_growth(paths: list[str], w: Writer, kind):
             label += "'"
         logs[label] = p
     d = growth_data(logs, kind)
+    for label, p in logs.items():  # the attention mode of each run (its colour), from the log's start record
+        d["runs"][label]["attn_mode"] = _log_mode(p)
     d["source"] = source_label([run_source(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)))
                                 for p in paths])
     w.figure(f"growth_{kind}", d, plot_growth, growth_table(d))
+
+
+def _log_mode(run_dir: str) -> str | None:
+    """The attention mode in the start record of a run's log.jsonl (None if absent)."""
+    start = next((r for r in read_log(run_dir) if r.get("event") == "start" and "config" in r), {})
+    return start.get("config", {}).get("attn_mode")
 
 
 def _parse_source(r: Run) -> dict | None:
@@ -1323,6 +1342,7 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
         subs = sorted(os.path.join(folder, s) for s in os.listdir(folder)
                       if os.path.isdir(os.path.join(folder, s)) and s != "figures")
     with_log = [s for s in subs if os.path.isfile(os.path.join(s, "log.jsonl"))]
+    with_log.sort(key=lambda s: (MODE_ORDER.get(_log_mode(s), 9), os.path.basename(s)))  # softmax first
     with_ckpt = [s for s in subs if os.path.isfile(os.path.join(s, "ckpt.pt"))]
     if not with_log and not with_ckpt:
         raise FigureError(f"{folder!r} holds no run folders (sub-folders with ckpt.pt or log.jsonl)")

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 from dataclasses import asdict, replace
 
@@ -303,6 +304,69 @@ def test_growth_data_resume_duplicates_and_a_torn_line(tmp_path):
         F.growth_data({"x": str(tmp_path / "nowhere")})
 
 
+# ------------------------------------------------------------------------ headline, per-variant panels, captions
+def _with_analysis(row, mode, ppl, inf_norms, calib):
+    """A results.json row as reproduce.py writes it, with eval_ptq.py --analysis's per-layer inf-norms."""
+    return {"row": row, "label": row, "arch": "bert", "attn_mode": mode, "config": {"attn_mode": mode},
+            "fp": {"val_ppl": ppl, "max_inf_norm": max(inf_norms) + 1, "max_inf_norm/ffn_out": max(inf_norms)},
+            "ptq": {b: {"mean": sum(v) / len(v), "std": 0.0, "values": v} for b, v in calib.items()},
+            "analysis": {"layers": [{"tensors": {"ffn_out": {"inf_norm": x}}} for x in inf_norms]}}
+
+
+def test_headline_data_known_answers():
+    s0 = [_with_analysis("vanilla", "softmax", 20.0, [1.0, 8.0], {"W8A8": [21.0, 22.0], "W8A6": [25.0, 30.0]}),
+          _with_analysis("gated", "gated", 10.0, [1.0, 2.0], {"W8A8": [10.0, 10.0], "W8A6": [11.0, 12.0]})]
+    s1 = [_with_analysis("vanilla", "softmax", 40.0, [2.0, 6.0], {"W8A8": [40.0, 44.0], "W8A6": [50.0, 60.0]})]
+    d = F.headline_data({1: s1, 0: s0}, "caption", "ffn_out")
+    assert (d["seeds"], d["bits"], d["metric"], d["n_calibration_seeds"]) == ([0, 1], ["W8A8", "W8A6"], "ppl", 2)
+    van, gated = d["rows"]
+    assert van["row"] == "vanilla" and van["seeds"] == [0, 1] and van["fp"] == [20.0, 40.0]
+    assert van["inf_norm_per_layer"] == [[1.0, 8.0], [2.0, 6.0]] and van["max_inf_norm"] == [8.0, 6.0]
+    assert van["gaps"]["W8A6"] == [[25.0, 50.0], [25.0, 50.0]]  # relative gaps in %, per calibration seed
+    assert van["gaps"]["W8A8"][1] == pytest.approx([0.0, 10.0])
+    assert gated["seeds"] == [0] and gated["gaps"]["W8A6"][0] == pytest.approx([10.0, 20.0])  # no gated row in seed 1
+    table = F.headline_table(d)
+    assert table[0][:6] == ["row", "seed", "fp_ppl", "max_inf_norm/ffn_out", "ffn_out_inf_norm_layer0",
+                            "ffn_out_inf_norm_layer1"]
+    assert table[1][:4] == ["vanilla", 0, 20.0, 8.0] and len(table) == 4
+    assert table[1][-2:] == pytest.approx([37.5, 17.6776695])  # W8A6 gap: mean and std over calibration seeds
+    with pytest.raises(F.FigureError, match="no results"):
+        F.headline_data({})
+
+
+@pytest.mark.parametrize("name", ["vanilla", "clipped", "gated"])
+def test_head_scores_match_eval_ptq_analysis_and_pick_the_noop_head(loaded, name):
+    r = loaded[name]
+    # unmask=False: the validation batches as evaluated, as eval_ptq.py --analysis runs them
+    sc = F.head_scores(r.model, r.task, max_batches=2, batch_size=8, unmask=False)
+    an = eval_ptq.analyse(r.model, r.task, 8, 2, torch.device("cpu"))["layers"]
+    torch.testing.assert_close(torch.tensor(sc["delimiter_mass"]), torch.tensor([x["attn_mass_delimiters"] for x in an]))
+    torch.testing.assert_close(torch.tensor(sc["zero_fraction"]), torch.tensor([x["attn_zero_fraction"] for x in an]))
+    if name == "gated":
+        torch.testing.assert_close(torch.tensor(sc["gate_mean"]), torch.tensor([x["gate_mean"] for x in an]))
+    else:
+        assert sc["gate_mean"] is None
+    pick = F.noop_head(sc, r.cfg.attn_mode)
+    key, best = {"vanilla": ("delimiter_mass", max), "clipped": ("zero_fraction", max),
+                 "gated": ("gate_mean", min)}[name]
+    assert pick["score"] == key and pick["value"] == best(v for row in sc[key] for v in row)
+    assert sc[key][pick["layer"]][pick["head"]] == pick["value"]
+
+
+def test_variant_panel_data_and_its_caption(loaded):
+    r = loaded["gated"]
+    d = F.variant_panel_data(r.model, r.task, 1, "ffn_out", seq_index=2, max_batches=2, batch_size=8)
+    o, att, pick = d["outliers"], d["attention"], d["noop_head"]
+    assert (att["layer"], att["head"], att["seq_index"]) == (pick["layer"], pick["head"], 2)
+    assert pick["score"] == "gate_mean" and att["gate"] is not None
+    # outliers per token type: each delimiter and [CLS], then the rest; they add up to the total
+    assert [t for t, _ in o["per_token_type"]] == o["delimiters"] + ["other tokens"]
+    assert sum(c for _, c in o["per_token_type"]) == o["total"]
+    assert r.source == "BERT, 2 layers x 2 heads, d 32, T 16 on corpus.txt, training seed 0, 4 steps"
+    assert F.source_label([{"model": "m", "data": "x", "seed": s, "steps": 10} for s in (2, 0, 1)]) == \
+        "m on x, training seeds 0, 1, 2, 10 steps"
+
+
 # --------------------------------------------------------------------------------------------- the command line
 @pytest.mark.parametrize("argv, needle", [
     (["outliers", "{bert}/nowhere", "--layer", "0"], "does not exist"),
@@ -340,12 +404,14 @@ def test_all_without_matplotlib_writes_every_figures_data(repro, tmp_path, monke
     assert not any(f.endswith(".png") for f in files)
     assert files == sorted(["growth_ffn_out.json", "growth_ffn_out.csv", "growth_ffn_residual_sum.json",
                             "growth_ffn_residual_sum.csv", "fig2_attention.json"] +
-                           [f"fig1_outliers_{n}_ffn_out.json" for n in ("vanilla", "clipped", "gated")])
+                           [f"fig1_outliers_{n}_ffn_out.json" for n in ("vanilla", "clipped", "gated")] +
+                           [f"panels_{n}.json" for n in ("vanilla", "clipped", "gated")])
     fig2 = json.loads((out / "fig2_attention.json").read_text())
     assert [d["run"] for d in fig2["runs"]] == ["vanilla", "clipped", "gated"]  # softmax, clipped, gated
     assert all((d["layer"], d["head"], d["seq_index"]) == (1, 0, 0) for d in fig2["runs"])
     fig1 = json.loads((out / "fig1_outliers_gated_ffn_out.json").read_text())
     assert fig1["layer"] == 1 and fig1["run"] == "gated" and sum(fig1["per_dim"]) == fig1["total"]
+    assert "corpus.txt, training seed 0" in fig1["source"]  # every figure names its data, model and seed
     assert not any(os.path.exists(repro["bert"] / n / "figures") for n in ("vanilla", "clipped", "gated"))
 
 
@@ -357,25 +423,51 @@ def test_default_out_is_next_to_the_input(repro, tmp_path, monkeypatch):
     assert sorted(os.listdir(run / "figures")) == ["growth_ffn_out.csv", "growth_ffn_out.json"]
 
 
-def test_plots_smoke(repro, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    monkeypatch.setattr(F, "DPI", 40)  # smoke only: small files, quick
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk, after checking the PNG signature."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def assert_png(path, inches, dpi):
+    w, h = png_size(path)
+    assert abs(w - inches[0] * dpi) <= 1 and abs(h - inches[1] * dpi) <= 1, (path, (w, h), inches, dpi)
+
+
+def test_every_figure_kind_draws_a_png_of_its_size(repro, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: pip install matplotlib")
+    monkeypatch.setattr(F, "DPI", 40)  # small files, quick
+    bert = tmp_path / "repro-bert"  # the reproduction folder with a results.json as reproduce.py writes it
+    shutil.copytree(repro["bert"], bert)
+    rows = [_with_analysis(n, m, 30.0, [1.0, 2.0], {"W8A8": [30.5, 30.6], "W8A6": [33.0, 34.0]})
+            for n, m in (("vanilla", "softmax"), ("clipped", "clipped"), ("gated", "gated"))]
+    (bert / "results.json").write_text(json.dumps(rows))
     out = tmp_path / "figs"
-    F.main(["all", str(repro["bert"]), "--out", str(out), "--batches", "2", "--quiet"])
-    F.main(["vit", str(repro["vit"] / "gated"), "--layer", "0", "--head", "1", "--out", str(out / "vit"), "--quiet"])
-    rows = [_result(f"alpha_{a:g}", "clipped", clip_alpha=a) for a in (0.5, 1, 2)] + [_result("vanilla", "softmax")]
-    (tmp_path / "results.json").write_text(json.dumps(rows))
+    F.main(["all", str(bert), "--out", str(out), "--batches", "2", "--quiet"])
+    F.main(["all", str(repro["vit"]), "--out", str(out / "vit"), "--batches", "2", "--quiet"])
+    sweep = [_result(f"alpha_{a:g}", "clipped", clip_alpha=a) for a in (0.5, 1, 2)] + [_result("vanilla", "softmax")]
+    (tmp_path / "results.json").write_text(json.dumps(sweep))
     F.main(["sweep", str(tmp_path / "results.json"), "--out", str(out), "--quiet"])
-    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
-    assert [p.split("_")[0] for p in pngs].count("fig1") == 3
-    assert "fig2_attention.png" in pngs and "fig6_alpha.png" in pngs
-    assert {"growth_ffn_out.png", "growth_ffn_residual_sum.png"} <= set(pngs)
-    vit = sorted(f for f in os.listdir(out / "vit") if f.endswith(".png"))
-    assert vit == ["fig3_vit_gated_layer0_head1_image0.png"]
-    for p in [out / p for p in pngs] + [out / "vit" / p for p in vit]:
-        with open(p, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n", p
-        assert (p.parent / (p.stem + ".json")).exists()  # the data next to every figure
+    F.main(["growth", str(bert / "vanilla"), "--kind", "attn_out", "--out", str(out), "--quiet"])
+    runs = ("vanilla", "clipped", "gated")
+    expected = {"headline.png": F.FIGSIZE["headline"], "fig6_alpha.png": F.FIGSIZE["sweep"],
+                "fig2_attention.png": F.fig2_size(3, gated=True),
+                **{f"growth_{k}.png": F.FIGSIZE["growth"] for k in ("ffn_out", "ffn_residual_sum", "attn_out")},
+                **{f"fig1_outliers_{n}_ffn_out.png": F.FIGSIZE["fig1"] for n in runs},
+                **{f"panels_{n}.png": F.FIGSIZE["panels"] for n in runs}}
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(expected)
+    vit = {**{f"fig3_vit_{n}.png": F.FIGSIZE["fig3"] for n in ("vanilla", "gated")},
+           **{f"fig1_outliers_{n}_ffn_residual_sum.png": F.FIGSIZE["fig1"] for n in ("vanilla", "gated")},
+           **{f"panels_{n}.png": F.FIGSIZE["panels"] for n in ("vanilla", "gated")}}
+    assert sorted(f for f in os.listdir(out / "vit") if f.endswith(".png")) == sorted(vit)
+    for folder, sizes in ((out, expected), (out / "vit", vit)):
+        for name, inches in sizes.items():
+            assert_png(folder / name, inches, 40)
+            assert (folder / name).with_suffix(".json").exists()  # the data next to every figure
+    head = json.loads((out / "headline.json").read_text())
+    assert [r["row"] for r in head["rows"]] == list(runs) and "training seed 0" in head["source"]
 
 
 def test_help_runs_as_a_script():
