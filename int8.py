@@ -131,7 +131,6 @@ def _probe_linear(engine: str, x_codes, w_codes) -> torch.Tensor:
     return out.int_repr().long() * 254
 
 
-@functools.lru_cache(maxsize=None)
 def engine_probe(engine: str | None = None) -> dict:
     """What torch's quantized engine `engine` (default: torch.backends.quantized.engine) does on this machine,
     from two tiny products (microseconds, cached):
@@ -144,7 +143,11 @@ def engine_probe(engine: str | None = None) -> dict:
                       the split would not help);
       float_out       the float-output static op exists for this engine (FBGEMM).
     """
-    engine = engine or torch.backends.quantized.engine
+    return dict(_probe(engine or torch.backends.quantized.engine))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(engine: str) -> dict:
     r = {"engine": engine, "usable": False, "why": "", "pairs_saturate": False, "float_out": False}
     if engine in (None, "none") or engine not in torch.backends.quantized.supported_engines:
         r["why"] = f"no quantized engine {engine!r} in this torch (supported: " \

@@ -1,8 +1,14 @@
-"""Tests for int8.py: integer linear layers against the simulated (fake-quant) layers they replace, against a
-float64 reference of the same integer arithmetic, and end to end on small models of every architecture and
-attention mode. CPU, a few seconds."""
+"""Tests for int8.py: integer linear layers on every kernel (torch._int_mm, and torch's quantized engines x86 /
+fbgemm / qnnpack / onednn where this torch has them) against the simulated (fake-quant) layers they replace, on
+random layers and on a trained tiny model; against a float64 reference of the same integer arithmetic; the
+overflow-safe weight spreading for engines that saturate int16 pairs (also in a subprocess with FBGEMM forced to
+AVX2); the kernel choice and the forced kernels; and end to end on small models of every architecture and
+attention mode. CPU; no test looks at time."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +22,37 @@ from model import build_model, get_config
 
 pytestmark = pytest.mark.usefixtures("tiny_env")  # conftest.py: small data, caches in a temporary folder
 EPS32 = torch.finfo(torch.float32).eps
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# every kernel: _int_mm, and each quantized engine of this torch (skipped with the reason where missing / unusable)
+ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+KERNELS = [pytest.param(("int_mm", None), id="int_mm")] + [pytest.param(("qengine", e), id=f"qengine-{e}")
+                                                             for e in ENGINES]
+
+
+@pytest.fixture
+def kernel(request):
+    """(kernel, engine) with torch.backends.quantized.engine set to the engine for the test, restored after."""
+    kern, engine = request.param
+    old = torch.backends.quantized.engine
+    engine = old if engine == "default" else engine
+    if engine is not None:
+        if engine not in torch.backends.quantized.supported_engines:
+            pytest.skip(f"this torch has no quantized engine {engine!r} "
+                        f"(supported: {torch.backends.quantized.supported_engines})")
+        probe = int8.engine_probe(engine)
+        if not probe["usable"]:
+            pytest.skip(probe["why"])
+        torch.backends.quantized.engine = engine
+    try:
+        yield kern
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def _steps_apart(a: torch.Tensor, b: torch.Tensor, step: float) -> torch.Tensor:
+    """|a - b| in output-grid steps (both on the same grid)."""
+    return ((a - b).abs() / step).double()
 
 
 def _calibrated(module, inputs, **qcfg):
@@ -23,10 +60,11 @@ def _calibrated(module, inputs, **qcfg):
     return Q.calibrate(qm, inputs)
 
 
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("act_bits", [8, 6])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("shape", [(4, 10, 64, 48), (3, 7, 33, 5), (1, 1, 17, 9)])
-def test_int8_linear_matches_simulation_and_exact_arithmetic(shape, per_channel, act_bits):
+def test_int8_linear_matches_simulation_and_exact_arithmetic(shape, per_channel, act_bits, kernel):
     B, T, K, N = shape
     g = torch.Generator().manual_seed(K * N + act_bits)
     net = nn.Sequential(nn.LayerNorm(K), nn.Linear(K, N))
@@ -36,8 +74,8 @@ def test_int8_linear_matches_simulation_and_exact_arithmetic(shape, per_channel,
         net[0].bias.normal_(0, 1.0, generator=g)  # an asymmetric input range: a non-trivial zero point
     xs = [torch.randn(B, T, K, generator=g) * 3 for _ in range(4)]
     qm = _calibrated(net, xs, act_bits=act_bits, weight_per_channel=per_channel)
-    im, report = int8.to_int8(qm, xs[0])
-    assert report == {"int8": ["1"], "simulated": {}}
+    im, report = int8.to_int8(qm, xs[0], kernel=kernel)
+    assert report["int8"] == ["1"] and report["simulated"] == {} and report["kernels"] == {"1": kernel}
     lin, sim = im[1], qm[1]
     assert lin.weight_codes.dtype == torch.int8 and lin.weight_codes.shape == (N, K)
 
@@ -52,9 +90,13 @@ def test_int8_linear_matches_simulation_and_exact_arithmetic(shape, per_channel,
     # the integer path differs from exact arithmetic only by the float32 rounding of the rescale and the bias add
     assert (y_int - exact).abs().max().item() <= max(1e-5 * s_out, 4 * EPS32 * exact.abs().max().item())
 
-    # after the output quantizer: the same codes, except where float rounding sits on a rounding boundary
+    # after the output quantizer (or the engine's own requantization): the same codes, except one step where float
+    # rounding sits on a rounding boundary
     out_int, out_sim = lin(x), sim(x)
-    diff = (out_int - out_sim).abs() > 0.5 * s_out
+    assert out_int.shape == out_sim.shape and out_int.dtype == torch.float32
+    steps = _steps_apart(out_int, out_sim, s_out)
+    assert steps.max().item() <= 1 + 1e-4
+    diff = steps > 0.5
     if diff.any():
         frac = (exact.reshape(out_int.shape)[diff] / s_out) % 1.0
         assert ((frac - 0.5).abs() < 1e-3).all(), "a code differs away from a rounding boundary"
@@ -94,9 +136,11 @@ CASES = [("bert-small", "softmax", {}), ("bert-small", "clipped", {"clip_alpha":
          ("vit-small", "softmax", {}), ("vit-small", "clipped", {"clip_alpha": 1.0})]
 
 
+@pytest.mark.parametrize("kernel", [KERNELS[0], pytest.param(("qengine", "default"), id="qengine")], indirect=True)
 @pytest.mark.parametrize("preset,mode,extra", CASES, ids=[f"{p}-{m}-{len(e)}" for p, m, e in CASES])
-def test_int8_model_equals_simulated_w8a8_end_to_end(preset, mode, extra, corpus):
-    """Every quantized linear layer runs in int8, and the metric equals the simulation's within 0.1%."""
+def test_int8_model_equals_simulated_w8a8_end_to_end(preset, mode, extra, corpus, kernel):
+    """Every quantized linear layer runs in int8 on the kernel, and the metric equals the simulation's within
+    0.1%."""
     shape = {"image_size": 16, "patch_size": 4} if preset.startswith("vit") else {"max_seq_len": 16,
                                                                                    "vocab_size": 128}
     cfg = get_config(preset, attn_mode=mode, **TINY, **shape, **extra)
@@ -108,12 +152,187 @@ def test_int8_model_equals_simulated_w8a8_end_to_end(preset, mode, extra, corpus
     task = Task.for_config(cfg, "builtin" if preset.startswith("vit") else str(corpus))
     batches = [task.batch("train", s, 8, seed=0, augment=False) for s in range(4)]
     qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig()), batches, lambda m, b: m(**b))
-    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b))
+    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel)
     n_linear = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n not in model.ptq_skip)
     assert len(report["int8"]) == n_linear and report["simulated"] == {}
+    assert set(report["kernels"].values()) == {kernel}
     key = "val_acc" if preset.startswith("vit") else "val_ppl"
     sim = evaluate(qm, task, 8, 3, "cpu", outliers=False)[key]
     got = evaluate(im, task, 8, 3, "cpu", outliers=False)[key]
     fp = evaluate(model, task, 8, 3, "cpu", outliers=False)[key]
     assert got == pytest.approx(sim, rel=1e-3) and math.isfinite(got)
     assert sim != pytest.approx(fp, rel=1e-7) or preset.startswith("vit")  # the quantization does something
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_layer_without_output_quantizer_gives_float_output(kernel):
+    """A linear layer whose output is not quantized (skip_outputs, e.g. an FFN's first layer quantized at its GELU
+    output): the float-output static op on FBGEMM, _int_mm (with the reason) where the engine has no such op."""
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.LayerNorm(40), nn.Linear(40, 24), nn.GELU())
+    xs = [torch.randn(3, 5, 40, generator=g) for _ in range(2)]
+    qm = _calibrated(net, xs, skip_outputs=("1",))
+    assert not hasattr(qm[1], "output_quantizer")
+    im, report = int8.to_int8(qm, xs[0], kernel=kernel)
+    lin = im[1]
+    if kernel == "qengine" and not int8.engine_probe()["float_out"]:
+        assert lin.kernel == "int_mm" and "float-output" in report["int_mm_because"]["1"]
+    else:
+        assert lin.kernel == kernel and report["int_mm_because"] == {}
+    x = qm[0](torch.randn(3, 5, 40, generator=g))
+    y_int, y_sim = lin(x), qm[1](x)
+    # the same accumulator, then acc s_x s_w + b in float32: float rounding only
+    assert (y_int - y_sim).abs().max().item() <= 1e-5 * y_sim.abs().max().item()
+
+
+def test_spread_overflowing_pairs_keeps_the_sum_and_bounds_every_pair():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (37, 51), dtype=torch.int8, generator=g)  # uniform codes: many risky pairs
+    codes[:, 0], codes[:, 1] = 127, 127  # a pair that overflows in every row
+    columns, packed = int8._spread_overflowing_pairs(codes, 255)
+    assert columns is not None and packed.dtype == torch.int8 and packed.shape == (37, len(columns))
+    x = torch.randint(0, 256, (9, 51), generator=g).long()  # any 8-bit input codes
+    assert torch.equal(x[:, columns] @ packed.long().t(), x @ codes.long().t())  # the same integer sums
+    K2 = len(columns) - len(columns) % 2
+    pairs = packed.long()[:, :K2].reshape(37, -1, 2)
+    worst = torch.where(pairs[..., 0] * pairs[..., 1] > 0, pairs.abs().sum(-1), pairs.abs().amax(-1)) * 255
+    assert worst.max().item() <= 32767  # no pair of the packed weight can saturate int16
+    # a 6-bit input cannot overflow a pair: nothing is spread
+    assert int8._spread_overflowing_pairs(codes, 63) == (None, codes)
+
+
+_AVX2_SCRIPT = r"""
+import sys, torch, torch.nn as nn
+sys.path.insert(0, sys.argv[1])
+import int8, quant as Q
+torch.set_num_threads(1)
+torch.backends.quantized.engine = "fbgemm"
+probe = int8.engine_probe()
+print("SATURATES" if probe["pairs_saturate"] else "EXACT", probe["usable"])
+g = torch.Generator().manual_seed(0)
+net = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 32))
+with torch.no_grad():
+    net[1].weight.uniform_(-1, 1, generator=g)  # uniform weights: most pairs can overflow
+    net[0].bias.normal_(0, 1, generator=g)
+xs = [torch.randn(4, 8, 64, generator=g) * 3 for _ in range(3)]
+qm = Q.calibrate(Q.quantize_model(net, Q.QuantConfig()), xs)
+x = qm[0](torch.randn(4, 8, 64, generator=g) * 3)
+s = qm[1].output_quantizer.scale
+spread = int8.to_int8(qm, xs[0], kernel="qengine")[0][1]
+ref = int8.to_int8(qm, xs[0], kernel="int_mm")[0][1]
+bare = int8.Int8Linear.from_quantized(qm[1], qm[0].output_quantizer, kernel="qengine")
+bare.columns, bare._packed = None, torch.ops.quantized.linear_prepack(
+    int8._qtensor(bare.weight_codes, bare.w_scale, 0), bare.bias)  # the same layer without the spreading
+print(len(spread.columns) if spread.columns is not None else 0,
+      ((spread(x) - ref(x)).abs() / s).max().item(), ((bare(x) - ref(x)).abs() / s).max().item())
+"""
+
+
+def test_fbgemm_without_vnni_is_exact_with_spread_pairs():
+    """FBGEMM forced to AVX2 (no VNNI: u8 x s8 pairs summed in int16 with saturation), in a subprocess: the
+    probe sees the saturation, the plain packed weight is wrong by many steps, the spread one is exact."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no FBGEMM")
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT, REPO], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, last = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    if not first.startswith("SATURATES"):
+        pytest.skip(f"FBGEMM_ENABLE_INSTRUCTIONS=AVX2 did not give a saturating FBGEMM here ({first})")
+    assert first == "SATURATES True"
+    n_cols, spread_steps, bare_steps = last.split()
+    assert int(n_cols) > 64  # pairs were spread
+    assert float(spread_steps) <= 1 + 1e-4  # exact (float rounding at most one step, as on every kernel)
+    assert float(bare_steps) > 2  # without the spreading the saturation shows
+
+
+def test_choose_kernel_rule_and_forced_kernels(monkeypatch):
+    usable = int8.engine_probe()
+    assert int8.choose_kernel("int_mm")[0] == "int_mm"
+    assert int8.choose_kernel("auto", "cuda")[0] == "int_mm"  # the quantized engine is CPU-only
+    with pytest.raises(ValueError, match="CPU only"):
+        int8.choose_kernel("qengine", "cuda")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        int8.choose_kernel("fbgemm")
+    if usable["usable"]:
+        assert int8.choose_kernel("auto", "cpu") == ("qengine", "auto: a usable quantized engine on the CPU")
+        assert int8.choose_kernel("qengine")[0] == "qengine"
+    missing = {"engine": "none", "usable": False, "why": "no quantized engine", "pairs_saturate": False,
+               "float_out": False}
+    monkeypatch.setattr(int8, "engine_probe", lambda engine=None: missing)
+    assert int8.choose_kernel("auto", "cpu") == ("int_mm", "auto: no quantized engine")
+    with pytest.raises(ValueError, match="no quantized engine"):
+        int8.choose_kernel("qengine")
+
+
+@pytest.mark.parametrize("forced", ["int_mm", "qengine", "auto"])
+def test_to_int8_kernel_flag_and_the_line(forced):
+    if forced != "int_mm" and not int8.engine_probe()["usable"]:
+        pytest.skip(int8.engine_probe()["why"])
+    net = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 8), nn.Linear(8, 4))
+    xs = [torch.randn(2, 3, 16) for _ in range(2)]
+    qm = _calibrated(net, xs)
+    im, report = int8.to_int8(qm, xs[0], kernel=forced)
+    want = "int_mm" if forced == "int_mm" else "qengine"
+    assert report["kernel"] == want and set(report["kernels"].values()) == {want}
+    assert all(isinstance(m, int8.Int8Linear) and m.kernel == want for m in (im[1], im[2]))
+    line = int8.kernel_line(report)
+    assert "\n" not in line and line.startswith(f"integer kernel: {want}")
+    assert ("torch._int_mm" if want == "int_mm" else "torch.ops.quantized.linear") in line
+    assert "Q K^T and P V" in line and report["cpu"]["capability"] in line
+    x = qm[0](torch.randn(2, 3, 16))
+    assert torch.equal(copy_of(im)(x), im(x))  # a deep copy (packed weights included) computes the same
+
+
+def copy_of(m):
+    import copy
+    return copy.deepcopy(m)
+
+
+def _train_tiny(cfg, task, steps=40):
+    """A tiny model trained for a few steps (AdamW): trained weights and activations, not the init's."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for s in range(steps):
+        _, loss = model(**task.batch("train", s, 8, seed=0, augment=False))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    cfg = get_config("bert-small", attn_mode="softmax", **TINY, max_seq_len=16, vocab_size=128)
+    task = Task.for_config(cfg, str(corpus))
+    return _train_tiny(cfg, task), task
+
+
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_every_layer_of_a_trained_model_matches_the_simulation(trained, kernel):
+    """On a trained tiny BERT, every integer layer's output (fed the simulated layer's own input) is within one
+    output-grid step of the simulated layer's, and almost always equal."""
+    model, task = trained
+    batches = [task.batch("train", s, 8, seed=0, augment=False) for s in range(4)]
+    qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig(skip=tuple(model.ptq_skip))), batches,
+                     lambda m, b: m(**b))
+    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel)
+    assert report["simulated"] == {} and set(report["kernels"].values()) == {kernel}
+    inputs = {}
+    hooks = [qm.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
+             for n in report["int8"]]
+    with torch.no_grad():
+        qm(**task.batch("valid", 0, 8, seed=0, augment=False))
+    for h in hooks:
+        h.remove()
+    n_diff = n_all = 0
+    with torch.no_grad():
+        for name in report["int8"]:
+            sim, lin, x = qm.get_submodule(name), im.get_submodule(name), inputs[name]
+            steps = _steps_apart(lin(x), sim(x), sim.output_quantizer.scale.item())
+            assert steps.max().item() <= 1 + 1e-4, name
+            n_diff += int((steps > 0.5).sum())
+            n_all += steps.numel()
+    assert n_diff <= 0.01 * n_all
