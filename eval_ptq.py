@@ -42,7 +42,7 @@ import quant as Q
 from checkpoint import atomic_write, check_writable, load_checkpoint, pick_device
 import audit_report
 from data import Task, eval_sizes, unmask
-from int8 import to_int8
+from int8 import kernel_line, to_int8
 from metrics import OutlierStats, QuantNoise, evaluate, to_device
 from model import describe, model_from_checkpoint
 
@@ -150,12 +150,13 @@ def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_si
 
 
 def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
-            progress=True, int8: bool = False, sqnr_batches: int = 0, **method):
+            progress=True, int8: bool = False, sqnr_batches: int = 0, int8_kernel: str = "auto", **method):
     """One PTQ run: quantize a copy, calibrate, evaluate (the metric, if the model has a head) and measure the
     quantization error of the hidden states (quant_error) and the activation ranges (act_ranges). With int8, also
     evaluate the same calibrated model with its linear layers executed in integers (int8.py): r["int8"] holds
-    that evaluation and r["int8_report"] which layers ran in int8. `method`: calibrated_copy's smoothquant /
-    per_token. The hidden-state error is measured on the first `sqnr_batches` validation batches (0: all)."""
+    that evaluation and r["int8_report"] which layers ran in int8, on which kernel (int8_kernel: "auto", "qengine"
+    or "int_mm", int8.choose_kernel). `method`: calibrated_copy's smoothquant / per_token. The hidden-state error is
+    measured on the first `sqnr_batches` validation batches (0: all)."""
     sqnr_batches = min(sqnr_batches, eval_batches) if sqnr_batches else eval_batches
     qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress, **method)
     r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
@@ -165,7 +166,7 @@ def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval
     if int8:
         example = to_device(task.batch("train", calibration_steps(seed, 1)[0], calib_batch_size, seed=seed,
                                        augment=False), device)
-        imodel, report = to_int8(qmodel, example, lambda m, b: m(**b))
+        imodel, report = to_int8(qmodel, example, lambda m, b: m(**b), kernel=int8_kernel)
         r["int8"] = evaluate(imodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
             if model.cfg.head else {}
         r["int8"]["quant_error"] = quant_error(model, imodel, task, eval_bs, sqnr_batches, device)
@@ -257,6 +258,9 @@ def main(argv=None):
     ap.add_argument("--int8", action="store_true",
                     help="also run each calibrated model with integer linear layers (int8 x int8 -> int32, "
                          "int8.py) and print both")
+    ap.add_argument("--int8-kernel", default="auto", choices=["auto", "qengine", "int_mm"],
+                    help="the integer kernel for --int8: torch's quantized engine (FBGEMM / QNNPACK), torch._int_mm, "
+                         "or auto: the quantized engine on the CPU where usable, _int_mm on CUDA (int8.choose_kernel)")
     ap.add_argument("--analysis", action="store_true",
                     help="also the outlier and attention analysis (section 3) and the audit report audit.md + "
                          "audit.json in the output folder")
@@ -361,7 +365,7 @@ def _main(args):
             t0 = time.perf_counter()
             runs.append(run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches,
                                 device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token,
-                                sqnr_batches=args.sqnr_batches if cfg.head else 0))
+                                sqnr_batches=args.sqnr_batches if cfg.head else 0, int8_kernel=args.int8_kernel))
             t_q.append(time.perf_counter() - t0)
         key = f"W{wb}A{ab}"
         entry = _ptq_entry(runs, m, cfg.n_layers)
@@ -376,6 +380,7 @@ def _main(args):
             print(f"{key} executed in INT8 ({len(report['int8'])} int8 linear layers, "
                   f"{len(report['simulated'])} simulated): {_ptq_line(entry['int8'], m, args.seeds)}; largest "
                   f"relative difference to the simulation {rel:.4f}%")
+            print(kernel_line(report))
         elif args.int8:
             print(f"{key}: --int8 needs weights and activations of at most 8 bits; simulated only")
     result["time_fp_eval_s"] = t_fp
