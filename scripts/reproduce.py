@@ -15,6 +15,14 @@ Each row trains one model with train.py (same preset, data, seed and recipe; onl
 evaluates it with eval_ptq.py (FP metric, max inf-norm, average kurtosis, W8A8 and W8A6 over 3 calibration
 seeds). The table is written to <out>/table.md and every number to <out>/results.json. A row whose run folder
 already holds ptq.json is not run again, so an interrupted reproduction continues where it stopped.
+
+At the end it draws the figures into <out>/figures (scripts/figures.py all <out>; --no-plots skips them): the
+headline (headline.png: per variant the FFN-output inf-norm per layer, the W8A8 / W8A6 gaps with their spread over
+calibration seeds, or over training seeds with --seeds, and the FP quality), the outlier growth from every row's
+log.jsonl, Figure 1 and Figure 2 / 3 style panels per row, Figure 2 with the rows side by side, and Figures 6 / 7
+for a sweep; with --seeds each seed's figures go to <out>/figures/seed-<S> and the headline over the seeds to
+<out>/figures. Without matplotlib (an optional extra) it writes the data behind every figure and says how to get
+the pictures.
 """
 
 import argparse
