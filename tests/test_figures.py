@@ -470,6 +470,22 @@ def test_every_figure_kind_draws_a_png_of_its_size(repro, tmp_path, monkeypatch)
     assert [r["row"] for r in head["rows"]] == list(runs) and "training seed 0" in head["source"]
 
 
+def test_every_png_linked_from_the_readme_and_docs_exists():
+    import re
+    docs = [os.path.join(REPO, "README.md")] + [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(REPO, "docs"))
+                                                for f in fs if f.endswith(".md")]
+    links = []
+    for md in docs:
+        with open(md, encoding="utf-8") as f:
+            for target in re.findall(r"\]\(([^)\s]+\.png)\)|src=\"([^\"]+\.png)\"", f.read()):
+                target = next(t for t in target if t)
+                if "://" not in target:
+                    links.append((md, os.path.normpath(os.path.join(os.path.dirname(md), target))))
+    assert links  # the docs do show figures
+    missing = [f"{os.path.relpath(md, REPO)} -> {os.path.relpath(p, REPO)}" for md, p in links if not os.path.isfile(p)]
+    assert not missing, missing
+
+
 def test_help_runs_as_a_script():
     import subprocess
     out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "figures.py"), "--help"], capture_output=True,
