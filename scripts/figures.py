@@ -767,17 +767,17 @@ def plot_attention_patterns(datas: list[dict], path: str) -> None:
     for row, d in zip(axes, datas):
         toks = d["tokens"]
         im = row[0].imshow(d["probs"], cmap="viridis", vmin=0.0, vmax=1.0)
-        row[0].set_title(f"{_who(d)}\nattention probabilities p_ij", fontsize=8)
+        row[0].set_title(f"{_who(d)}\nattention probabilities p_ij", fontsize=10)
         _ticks(row[0], toks, "both", fs)
         row[0].set_ylabel("query i")
         fig.colorbar(im, ax=row[0], shrink=0.7)
         row[1].bar(range(len(toks)), d["value_norms"], width=0.8, color="tab:orange")
         row[1].set_xlim(-0.5, len(toks) - 0.5)
         row[1].set_ylim(0, 1.05 * vmax)
-        row[1].set_title("value norms ||v_j||", fontsize=8)
+        row[1].set_title("value norms ||v_j||", fontsize=10)
         _ticks(row[1], toks, "x", fs)
         im = row[2].imshow(d["product"], cmap="viridis", vmin=0.0, vmax=pmax)
-        row[2].set_title("product ||p_ij v_j||  (rows: queries as on the left)", fontsize=8)
+        row[2].set_title("product ||p_ij v_j||  (rows: queries as on the left)", fontsize=10)
         _ticks(row[2], toks, "x", fs)
         row[2].set_yticks([])
         fig.colorbar(im, ax=row[2], shrink=0.7)
@@ -786,7 +786,7 @@ def plot_attention_patterns(datas: list[dict], path: str) -> None:
             row[3].barh(range(len(toks)), g, color="tab:purple" if d["gate"] is not None else "lightgray")
             row[3].set_xlim(0, 1)
             row[3].set_ylim(len(toks) - 0.5, -0.5)
-            row[3].set_title("gate pi_i per query" if d["gate"] is not None else "no gate (pi_i = 1)", fontsize=8)
+            row[3].set_title("gate pi_i per query" if d["gate"] is not None else "no gate (pi_i = 1)", fontsize=10)
             row[3].set_yticks([])
     d0 = datas[0]
     inputs = ("" if d0["arch"] != "bert" else " (original tokens)" if d0.get("unmasked", True) else
