@@ -18,7 +18,8 @@ Nothing is downloaded and nothing beyond torch (and numpy) is needed: no `transf
 The folder. `config.json` plus the weights in one of four forms, looked for in this order: `model.safetensors`;
 `model.safetensors.index.json` with its shards; `pytorch_model.bin` (read with torch.load(weights_only=True));
 `pytorch_model.bin.index.json` with its shards. The tokenizer, if the folder has one: `vocab.txt` (BERT's
-WordPiece, lower-casing as `do_lower_case` of tokenizer_config.json says) or `vocab.json` + `merges.txt` (GPT-2's
+WordPiece, lower-casing as `do_lower_case` of tokenizer_config.json says), `tokenizer.json` (the "fast" tokenizer
+file, WordPiece or byte-level BPE, read with the standard library) or `vocab.json` + `merges.txt` (GPT-2's
 byte-level BPE, which OPT uses; special tokens from special_tokens_map.json / tokenizer_config.json). Both
 tokenizers live in data.py, so train.py and eval_ptq.py load them from a run folder's vocab.txt like their own.
 
@@ -731,7 +732,9 @@ def load_project_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------------------------------- tokenizers
 def load_hf_tokenizer(folder: str | os.PathLike):
     """The tokenizer of a Hugging Face folder: WordPiece from vocab.txt (lower-casing from tokenizer_config.json's
-    do_lower_case, else inferred from the vocabulary), byte-level BPE from vocab.json + merges.txt, or None."""
+    do_lower_case, else inferred from the vocabulary), else WordPiece or byte-level BPE from tokenizer.json
+    (tokenizer.from_tokenizer_json; both files give the same ids where a folder has both), else byte-level BPE
+    from vocab.json + merges.txt, or None."""
     folder = Path(folder)
     if (folder / "vocab.txt").is_file():
         config = {}
@@ -747,6 +750,8 @@ def load_hf_tokenizer(folder: str | os.PathLike):
                              f"always splits CJK ideographs")
         return T.WordPieceTokenizer.load(folder / "vocab.txt",
                                          lowercase=lowercase if isinstance(lowercase, bool) else None)
+    if (folder / "tokenizer.json").is_file():  # the "fast" tokenizer file, the only one many checkpoints ship
+        return T.from_tokenizer_json(folder / "tokenizer.json")
     if (folder / "vocab.json").is_file():
         return T.ByteLevelBPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
     return None
@@ -927,8 +932,8 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
     if tokenizer_path:
         tokenizer = T.load_tokenizer(tokenizer_path)
     if cfg.arch != "vit" and tokenizer is None:
-        raise ValueError(f"{hf_folder} has no tokenizer (vocab.txt, or vocab.json + merges.txt), which evaluation "
-                         f"needs: pass --tokenizer PATH")
+        raise ValueError(f"{hf_folder} has no tokenizer (vocab.txt, tokenizer.json, or vocab.json + merges.txt), "
+                         f"which evaluation needs: pass --tokenizer PATH")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model has vocab_size="
                          f"{cfg.vocab_size}")

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 from checkpoint import atomic_write
 
 __all__ = ["DataError", "SPECIAL_TOKENS", "WordPieceTokenizer", "ByteLevelBPETokenizer", "bytes_to_unicode",
-           "gpt2_pretokenizer", "load_tokenizer"]
+           "gpt2_pretokenizer", "from_tokenizer_json", "load_tokenizer"]
 
 
 class DataError(ValueError):
@@ -495,17 +495,7 @@ class ByteLevelBPETokenizer:
         folder (the map wins where both name a token)."""
         vocab_json = Path(vocab_json)
         merges_txt = Path(merges_txt) if merges_txt is not None else vocab_json.with_name("merges.txt")
-        table = _read_json(vocab_json, "a byte-level BPE vocab.json (token -> id)")
-        if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
-            raise DataError(f"{vocab_json}: expected a JSON object mapping tokens to integer ids")
-        ids = sorted(table.values())
-        if ids != list(range(len(ids))):
-            gap = next(i for i, v in enumerate(ids) if v != i)
-            raise DataError(f"{vocab_json}: expected the ids 0 .. {len(ids) - 1} once each, id {gap} is "
-                            f"{'duplicated' if gap in table.values() else 'missing'}")
-        vocab = [""] * len(table)
-        for tok, i in table.items():
-            vocab[i] = tok
+        vocab = _vocab_list(_read_json(vocab_json, "a byte-level BPE vocab.json (token -> id)"), str(vocab_json))
         if not merges_txt.is_file():
             raise DataError(f"expected the BPE merges file {merges_txt} next to {vocab_json.name}, found nothing")
         merges = []
@@ -519,7 +509,15 @@ class ByteLevelBPETokenizer:
                     raise DataError(f"{merges_txt} line {n}: expected two symbols separated by one space, "
                                     f"found {line!r}")
                 merges.append((parts[0], parts[1]))
-        folder = vocab_json.parent
+        return cls._with_folder_settings(vocab, merges, vocab_json.parent, special_tokens, add_prefix_space)
+
+    @classmethod
+    def _with_folder_settings(cls, vocab, merges, folder: Path, special_tokens: dict | None = None,
+                              add_prefix_space: bool | None = None, added_special: Sequence[str] = ()):
+        """The tokenizer with the special tokens and add_prefix_space of a Hugging Face folder (unless given):
+        from tokenizer_config.json (its tokens and the entries of added_tokens_decoder marked special),
+        special_tokens_map.json (which wins where both name a token) and `added_special` (tokenizer.json's
+        special added_tokens)."""
         config = {}
         if (folder / "tokenizer_config.json").is_file():
             config = _read_json(folder / "tokenizer_config.json", "a tokenizer_config.json")
@@ -527,10 +525,11 @@ class ByteLevelBPETokenizer:
             found = {k: config[k] for k in (*_SPECIAL_KEYS, "additional_special_tokens") if k in config}
             added = config.get("added_tokens_decoder") or {}
             extra = [_token_content(v) for v in added.values() if isinstance(v, dict) and v.get("special")]
+            extra += list(added_special)
             if (folder / "special_tokens_map.json").is_file():
                 found.update(_read_json(folder / "special_tokens_map.json", "a special_tokens_map.json"))
             known = {_token_content(v) for k, v in found.items() if k != "additional_special_tokens"}
-            extra = [t for t in extra if t and t not in known]
+            extra = list(dict.fromkeys(t for t in extra if t and t not in known))
             if extra:
                 found["additional_special_tokens"] = list(found.get("additional_special_tokens") or []) + extra
             special_tokens = found or None
@@ -657,6 +656,123 @@ class ByteLevelBPETokenizer:
         return out.decode("utf-8", errors="replace")
 
 
+def _vocab_list(table, where: str) -> list[str]:
+    """[token of id 0, token of id 1, ...] from a {token: id} table whose ids must be 0 .. n-1, once each."""
+    if not isinstance(table, dict) or not table or not all(isinstance(v, int) for v in table.values()):
+        raise DataError(f"{where}: expected a non-empty JSON object mapping tokens to integer ids")
+    ids = sorted(table.values())
+    if ids != list(range(len(ids))):
+        gap = next(i for i, v in enumerate(ids) if v != i)
+        raise DataError(f"{where}: expected the ids 0 .. {len(ids) - 1} once each, id {gap} is "
+                        f"{'duplicated' if gap in table.values() else 'missing'}")
+    vocab = [""] * len(table)
+    for tok, i in table.items():
+        vocab[i] = tok
+    return vocab
+
+
+def _components(node, what: str, path: Path) -> list[dict]:
+    """The steps of a tokenizer.json normalizer / pre_tokenizer / decoder: [] for null, the members of a
+    "Sequence", else [node]."""
+    if node is None:
+        return []
+    if not isinstance(node, dict) or not isinstance(node.get("type"), str):
+        raise DataError(f"{path}: malformed {what}: {str(node)[:120]}")
+    if node["type"] == "Sequence":
+        steps = node.get("normalizers" if what == "normalizer" else
+                         "pretokenizers" if what == "pre_tokenizer" else "decoders")
+        if not isinstance(steps, list):
+            raise DataError(f"{path}: malformed {what} Sequence: {str(node)[:120]}")
+        return [s for step in steps for s in _components(step, what, path)]
+    return [node]
+
+
+def from_tokenizer_json(path: str | os.PathLike):
+    """A WordPieceTokenizer or ByteLevelBPETokenizer from a Hugging Face `tokenizer.json` (the "fast" tokenizer
+    file; most current checkpoints ship only this file), read with the standard library.
+
+    What is read, and what is refused because this file's tokenizers would encode it differently:
+      WordPiece (BERT): model {"type": "WordPiece", "vocab": {token: id}, "unk_token": "[UNK]",
+        "continuing_subword_prefix": "##", "max_input_chars_per_word": n}; normalizer BertNormalizer
+        (lowercase; strip_accents null = follow lowercase, else must equal it; clean_text and
+        handle_chinese_chars must be true) or none (no lower-casing); pre_tokenizer BertPreTokenizer (or
+        WhitespaceSplit + Punctuation, the same split). The five specials [PAD] [UNK] [CLS] [SEP] [MASK] must be
+        in the vocabulary.
+      Byte-level BPE (GPT-2, OPT, RoBERTa): model {"type": "BPE", "vocab": {token: id}, "merges": ["a b", ...] or
+        [["a", "b"], ...]} with no dropout, suffix or byte fallback; pre_tokenizer ByteLevel (add_prefix_space,
+        use_regex true); no normalizer. Special tokens: tokenizer_config.json / special_tokens_map.json beside
+        the file, as for vocab.json, plus the added_tokens marked special.
+    The post_processor (which adds [CLS] ... [SEP]) and the decoder are not needed: the data pipeline adds the
+    document tokens itself. An added token must sit at its id in the vocabulary.
+    """
+    path = Path(path)
+    d = _read_json(path, "a Hugging Face tokenizer.json")
+    model = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(model, dict) or "vocab" not in model:
+        raise DataError(f"{path}: expected a Hugging Face tokenizer.json (an object with a \"model\" holding a "
+                        f"\"vocab\"); is it a vocab.json? Then pass its folder, with merges.txt beside it")
+    kind = model.get("type") or ("BPE" if "merges" in model else "WordPiece" if "continuing_subword_prefix" in model
+                                 else None)
+    vocab = _vocab_list(model["vocab"], f"{path}: model.vocab")
+    for t in d.get("added_tokens") or []:
+        if not isinstance(t, dict) or not isinstance(t.get("id"), int) or not isinstance(t.get("content"), str):
+            raise DataError(f"{path}: malformed added_tokens entry {str(t)[:120]}")
+        if not (0 <= t["id"] < len(vocab) and vocab[t["id"]] == t["content"]):
+            raise DataError(f"{path}: the added token {t['content']!r} (id {t['id']}) is not at its id in the "
+                            f"vocabulary: this file's tokenizers cannot add tokens beyond model.vocab")
+    norms = _components(d.get("normalizer"), "normalizer", path)
+    pres = _components(d.get("pre_tokenizer"), "pre_tokenizer", path)
+    if kind == "WordPiece":
+        if model.get("continuing_subword_prefix", "##") != "##" or model.get("unk_token", "[UNK]") != "[UNK]":
+            raise DataError(f"{path}: WordPiece with continuing_subword_prefix "
+                            f"{model.get('continuing_subword_prefix')!r} and unk_token {model.get('unk_token')!r}: "
+                            f"only BERT's '##' and '[UNK]' are supported")
+        lowercase = False
+        for n in norms:
+            if n["type"] != "BertNormalizer":
+                raise DataError(f"{path}: normalizer {n['type']!r} is not supported for WordPiece (BertNormalizer "
+                                f"is)")
+            lowercase = bool(n.get("lowercase", True))
+            strip = n.get("strip_accents")
+            if strip is not None and strip != lowercase:
+                raise DataError(f"{path}: strip_accents={strip} with lowercase={lowercase} cannot be represented: "
+                                f"the project's WordPiece strips accents exactly when it lower-cases")
+            if n.get("clean_text", True) is not True or n.get("handle_chinese_chars", True) is not True:
+                raise DataError(f"{path}: BertNormalizer with clean_text or handle_chinese_chars false cannot be "
+                                f"represented: the project's WordPiece always cleans and splits CJK ideographs")
+        types = [p["type"] for p in pres]
+        if types not in (["BertPreTokenizer"], ["WhitespaceSplit", "Punctuation"]):
+            raise DataError(f"{path}: pre_tokenizer {' + '.join(types) or 'none'} is not supported for WordPiece "
+                            f"(BertPreTokenizer is: split on whitespace and punctuation)")
+        try:
+            return WordPieceTokenizer(vocab, lowercase=lowercase,
+                                      max_chars_per_word=int(model.get("max_input_chars_per_word", 100)))
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from e
+    if kind == "BPE":
+        for field, ok in (("dropout", None), ("continuing_subword_prefix", None), ("end_of_word_suffix", None)):
+            if model.get(field) not in (ok, ""):
+                raise DataError(f"{path}: BPE with {field}={model.get(field)!r} is not supported (GPT-2's byte-level "
+                                f"BPE has none)")
+        if model.get("byte_fallback") or norms:
+            raise DataError(f"{path}: a BPE with byte_fallback or a normalizer is a SentencePiece-style tokenizer, "
+                            f"not GPT-2's byte-level BPE; it is not supported")
+        if [p["type"] for p in pres] != ["ByteLevel"] or pres[0].get("use_regex", True) is not True:
+            raise DataError(f"{path}: pre_tokenizer {[p['type'] for p in pres]} is not supported for BPE (ByteLevel "
+                            f"with GPT-2's regex is)")
+        merges = []
+        for n, m in enumerate(model.get("merges") or [], 1):
+            pair = m.split(" ") if isinstance(m, str) else m
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) and s for s in pair)):
+                raise DataError(f"{path}: merge {n}: expected \"a b\" or [\"a\", \"b\"], found {m!r}")
+            merges.append((pair[0], pair[1]))
+        specials = [t["content"] for t in d.get("added_tokens") or [] if t.get("special")]
+        return ByteLevelBPETokenizer._with_folder_settings(vocab, merges, path.parent,
+                                                           add_prefix_space=bool(pres[0].get("add_prefix_space")),
+                                                           added_special=specials)
+    raise DataError(f"{path}: tokenizer model type {kind!r} is not supported (WordPiece and BPE are)")
+
+
 def _lowercase_from_config(folder: Path) -> bool | None:
     """do_lower_case of a Hugging Face tokenizer_config.json in `folder`, or None if it has none."""
     path = folder / "tokenizer_config.json"
@@ -669,8 +785,10 @@ def _lowercase_from_config(folder: Path) -> bool | None:
 def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None):
     """A tokenizer from a path, WordPiece or byte-level BPE, decided by what the path holds:
 
-        a folder            its vocab.txt if it has one (then as below), else its vocab.json + merges.txt (BPE)
-        a *.json file       a Hugging Face vocab.json, with merges.txt beside it (BPE)
+        a folder            its vocab.txt if it has one (then as below), else its tokenizer.json, else its
+                            vocab.json + merges.txt (BPE)
+        tokenizer.json      a Hugging Face tokenizer.json, WordPiece or byte-level BPE (from_tokenizer_json)
+        another *.json file a Hugging Face vocab.json, with merges.txt beside it (BPE)
         a file written by ByteLevelBPETokenizer.save (a BPE run folder's vocab.txt)
         any other file      a WordPiece vocab.txt; lower-casing from `lowercase`, else from the do_lower_case of a
                             tokenizer_config.json beside it (a Hugging Face BERT folder), else inferred
@@ -680,13 +798,15 @@ def load_tokenizer(path: str | os.PathLike, lowercase: bool | None = None):
     if p.is_dir():
         if (p / "vocab.txt").is_file():
             p = p / "vocab.txt"
+        elif (p / "tokenizer.json").is_file():
+            return from_tokenizer_json(p / "tokenizer.json")
         elif (p / "vocab.json").is_file():
             return ByteLevelBPETokenizer.from_files(p / "vocab.json", p / "merges.txt")
         else:
-            raise DataError(f"{p}: expected a tokenizer folder with vocab.txt (WordPiece) or vocab.json and "
-                            f"merges.txt (byte-level BPE), found {_listing(p)}")
+            raise DataError(f"{p}: expected a tokenizer folder with vocab.txt (WordPiece), tokenizer.json, or "
+                            f"vocab.json and merges.txt (byte-level BPE), found {_listing(p)}")
     if p.suffix == ".json":
-        return ByteLevelBPETokenizer.from_files(p)
+        return from_tokenizer_json(p) if p.name == "tokenizer.json" else ByteLevelBPETokenizer.from_files(p)
     if p.is_file() and ByteLevelBPETokenizer.is_saved_file(p):
         return ByteLevelBPETokenizer.load(p)
     if lowercase is None and p.is_file():

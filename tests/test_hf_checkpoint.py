@@ -732,3 +732,89 @@ def test_import_eval_ptq_export_end_to_end(tmp_path, corpus, arch):
         assert btok.hash() == otok.hash() and type(btok) is type(otok)
     with pytest.raises(SystemExit, match="exists"):
         H.main(["import", str(hf), str(run), *extra])
+
+
+# ------------------------------------------------------------------------------------------- tokenizer.json
+def wordpiece_tokenizer_json(vocab, lowercase=True, strip_accents=None):
+    """A tokenizer.json as Hugging Face's tokenizers library writes BERT's (the layout of all-MiniLM-L6-v2's)."""
+    ids = {t: i for i, t in enumerate(vocab)}
+    specials = [{"id": ids[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True} for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
+            "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                           "strip_accents": strip_accents, "lowercase": lowercase},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": {"type": "TemplateProcessing", "single": [], "pair": [], "special_tokens": {}},
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                      "max_input_chars_per_word": 100, "vocab": ids}}
+
+
+def test_tokenizer_json_wordpiece_equals_vocab_txt(tmp_path, corpus):
+    lines = corpus.read_text().splitlines()[:300] + ["Ünïcödé Café naïve 東京, x\u0000y \ufffd [MASK] [SEP]",
+                                                     "a" * 120 + " hello!!"]
+    built = T.WordPieceTokenizer.build(lines, vocab_size=60)  # subwords: "##c" pieces are used
+    for lowercase in (True, False):
+        folder = tmp_path / f"lower-{lowercase}"
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps(wordpiece_tokenizer_json(built.vocab, lowercase)))
+        from_json = H.load_hf_tokenizer(folder)  # the folder has tokenizer.json only
+        (folder / "vocab.txt").write_text("\n".join(built.vocab) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lowercase}))
+        from_txt = H.load_hf_tokenizer(folder)  # vocab.txt comes first where both exist
+        assert isinstance(from_json, T.WordPieceTokenizer) and from_json.lowercase is lowercase
+        assert from_json.hash() == from_txt.hash()
+        for line in lines:
+            assert from_json.encode(line) == from_txt.encode(line), line
+        assert T.load_tokenizer(folder / "tokenizer.json").hash() == from_json.hash()
+    assert len(set(from_json.encode(" ".join(lines)))) > 40
+
+
+def test_tokenizer_json_byte_level_bpe_equals_vocab_json(tmp_path):
+    files, vocab = bpe_files("opt")
+    merges = [line for line in files["merges.txt"].splitlines()[1:]]
+    ref_dir, json_dir = tmp_path / "ref", tmp_path / "json"
+    ref_dir.mkdir(), json_dir.mkdir()
+    for name, text in files.items():
+        (ref_dir / name).write_text(text, encoding="utf-8")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        (json_dir / name).write_text(files[name], encoding="utf-8")
+    tj = {"added_tokens": [{"id": i, "content": vocab[i], "special": True} for i in (1, 2, 3)],  # <pad> </s> <unk>
+          "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                                "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                    "vocab": {t: i for i, t in enumerate(vocab)},
+                    "merges": [m.split(" ") for m in merges]}}  # the newer list-of-pairs form
+    (json_dir / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    ref, tok = T.load_tokenizer(ref_dir), T.load_tokenizer(json_dir)
+    assert isinstance(tok, T.ByteLevelBPETokenizer) and tok.hash() == ref.hash()
+    text = "hello world, </s> the Ünïcödé  text\twith 🙂\n"
+    assert tok.encode(text) == ref.encode(text)
+    tj["added_tokens"].append({"id": 0, "content": "<s>", "special": True})  # one more special: its own id
+    (json_dir / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    assert T.load_tokenizer(json_dir).encode("<s>hello") == [0, vocab.index("hello")]
+    assert ref.encode("<s>hello")[0] != 0
+    tj["added_tokens"].pop()
+    tj["model"]["merges"] = merges  # the older "a b" form
+    (json_dir / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    assert T.load_tokenizer(json_dir / "tokenizer.json").hash() == ref.hash()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t["model"].update(type="Unigram"), "model type 'Unigram' is not supported"),
+    (lambda t: t.update(normalizer={"type": "NFC"}), "normalizer 'NFC' is not supported"),
+    (lambda t: t["normalizer"].update(strip_accents=False), "strip_accents=False with lowercase=True"),
+    (lambda t: t.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer Whitespace is not supported"),
+    (lambda t: t["model"].update(continuing_subword_prefix="@@"), "only BERT's '##'"),
+    (lambda t: t["model"]["vocab"].update({"extra": 99}), "ids 0 .. 24 once each"),
+    (lambda t: t["added_tokens"].append({"id": 30, "content": "<new>", "special": True}), "not at its id"),
+    (lambda t: t.pop("model"), "expected a Hugging Face tokenizer.json"),
+])
+def test_tokenizer_json_refusals(tmp_path, edit, match):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS[:19]]
+    tj = wordpiece_tokenizer_json(vocab)
+    edit(tj)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(T.DataError, match=match):
+        T.load_tokenizer(tmp_path)
