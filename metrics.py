@@ -13,6 +13,10 @@ Bondarenko, Nagel, Blankevoort, "Quantizable Transformers" (NeurIPS 2023), secti
     OutlierStats   accumulates all of the above over validation batches, per recorded tensor and per kind
     sqnr_db        signal-to-quantization-noise ratio of a quantized tensor against its floating-point original,
                    a quality measure that needs no head (QuantNoise accumulates it per tensor over batches)
+    mean_pool, cosine_rows, neighbour_agreement, EmbeddingAgreement
+                   what an encoder's user sees (not in the paper): the cosine similarity of the mean-pooled
+                   sentence embeddings of two models (FP vs quantized), and how often each sentence's nearest
+                   neighbour among the others stays the same
     evaluate       the validation metric (perplexity or accuracy) and, optionally, the outlier metrics
 
 The model records its activations by name (`model(..., record=d)`, see model.py): blocks.{i}.attn_out,
@@ -28,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 __all__ = ["kurtosis", "inf_norm", "outlier_mask", "outlier_counts", "OutlierStats", "sqnr_db", "QuantNoise",
+           "mean_pool", "cosine_rows", "nearest_neighbours", "neighbour_agreement", "EmbeddingAgreement",
            "evaluate", "n_targets", "to_device"]
 
 
@@ -263,6 +268,72 @@ class QuantNoise:
         """{name: {"sqnr_db", "rel_error", "signal", "noise"}} over everything given to update."""
         return {name: {"sqnr_db": _ratio_db(s, n), "rel_error": math.sqrt(n / s) if s > 0 else math.inf,
                        "signal": s, "noise": n} for name, (s, n) in self._acc.items()}
+
+
+# ------------------------------------------------------------------------------------ sentence embeddings
+def mean_pool(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, d) hidden states -> (B, d) sentence embeddings: the mean over each sequence's valid positions
+    (mask (B, T), True = real token), as sentence-embedding models (all-MiniLM-L6-v2's pooling) compute them."""
+    w = _valid_weights(h, mask).to(h.dtype)  # (B, T, 1)
+    return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, d), (N, d) -> (N,) cosine similarity of each row of a with the same row of b, in float64 (a zero row
+    has cosine 0 with anything but a zero row, and 1 with a zero row: both "embed" the same nothing)."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"expected two (N, d) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double(), b.double()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    cos = (a * b).sum(1) / (na * nb).clamp_min(1e-300)
+    return torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos)
+
+
+def nearest_neighbours(emb: torch.Tensor) -> torch.Tensor:
+    """(N, d) -> (N,) index of each row's nearest other row by cosine similarity (itself excluded; ties go to the
+    lower index). N >= 2."""
+    if emb.dim() != 2 or emb.shape[0] < 2:
+        raise ValueError(f"need an (N, d) tensor with N >= 2 rows, got shape {tuple(emb.shape)}")
+    e = emb.double()
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    sim = e @ e.T  # (N, N)
+    sim.fill_diagonal_(-math.inf)
+    return sim.argmax(dim=1)  # argmax returns the first maximum
+
+
+def neighbour_agreement(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """The share of rows whose nearest neighbour among the other rows is the same row in `other` as in `ref`
+    ((N, d) each, e.g. the FP and the quantized model's sentence embeddings of N validation sentences): 1.0 when
+    quantization changes no sentence's closest match, a retrieval-style view of the embedding damage."""
+    if ref.shape != other.shape:
+        raise ValueError(f"embeddings of different shapes: {tuple(ref.shape)} and {tuple(other.shape)}")
+    return float((nearest_neighbours(ref) == nearest_neighbours(other)).double().mean())
+
+
+class EmbeddingAgreement:
+    """Accumulates the mean-pooled sentence embeddings of a reference model (FP) and another (quantized,
+    converted) over validation batches, then compares them:
+
+        cosine_mean / cosine_min   the mean and the lowest cosine similarity of a sentence's two embeddings
+        neighbour_agreement        neighbour_agreement() over all sentences seen
+
+    Each (B, T) sequence is one "sentence". update(h_ref, h_other, mask) takes (B, T, d) hidden states."""
+
+    def __init__(self):
+        self.ref: list[torch.Tensor] = []
+        self.other: list[torch.Tensor] = []
+
+    def update(self, h_ref: torch.Tensor, h_other: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if h_ref.shape != h_other.shape:
+            raise ValueError(f"hidden states of different shapes: {tuple(h_ref.shape)} and {tuple(h_other.shape)}")
+        self.ref.append(mean_pool(h_ref.detach().double(), mask).cpu())
+        self.other.append(mean_pool(h_other.detach().double(), mask).cpu())
+
+    def summary(self) -> dict:
+        a, b = torch.cat(self.ref), torch.cat(self.other)
+        cos = cosine_rows(a, b)
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n_sentences": int(a.shape[0]),
+                "neighbour_agreement": neighbour_agreement(a, b) if a.shape[0] >= 2 else float("nan")}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -5,6 +5,9 @@ import math
 
 import torch
 
+import pytest
+
+import metrics as M
 from metrics import OutlierStats, inf_norm, kurtosis, outlier_counts, outlier_mask
 
 
@@ -88,3 +91,48 @@ def test_outlier_stats_accumulates_per_name_and_kind():
     assert pk["attn_out"]["max_inf_norm_at"] == "blocks.1.attn_out"
     assert math.isclose(pk["attn_out"]["mean_kurtosis"], (a["blocks.0.attn_out"]["mean_kurtosis"]
                                                           + a["blocks.1.attn_out"]["mean_kurtosis"]) / 2)
+
+
+# ------------------------------------------------------------------------------------ sentence embeddings
+def test_mean_pool_counts_valid_positions_only():
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2); the last position is padding
+    assert torch.equal(M.mean_pool(h, torch.tensor([[True, True, False]])), torch.tensor([[2.0, 3.0]]))
+    assert torch.allclose(M.mean_pool(h), h.mean(1))
+
+
+def test_identical_embeddings_give_cosine_one_and_full_neighbour_agreement():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 5, 8, generator=g)  # 6 sentences of 5 tokens
+    acc = M.EmbeddingAgreement()
+    acc.update(h[:4], h[:4].clone())
+    acc.update(h[4:], h[4:].clone())
+    s = acc.summary()
+    assert s["n_sentences"] == 6 and s["neighbour_agreement"] == 1.0
+    assert s["cosine_mean"] == pytest.approx(1.0, abs=1e-12) and s["cosine_min"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_embedding_agreement_hand_built_case():
+    # three sentences of one token each: their embeddings are the token vectors
+    ref = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])  # nearest neighbours: 1, 0 (cos .8 vs 0), 1
+    other = torch.tensor([[1.0, 1.0], [0.8, 0.6], [0.0, 1.0]])  # sentence 0 moved 45 degrees
+    # other's neighbours: 0 -> 1 (cos 0.99) , 1 -> 0 (0.99 vs 0.6), 2 -> 0 (0.707 vs 0.6): sentence 2 changed
+    assert M.nearest_neighbours(ref).tolist() == [1, 0, 1] and M.nearest_neighbours(other).tolist() == [1, 0, 0]
+    assert M.neighbour_agreement(ref, other) == pytest.approx(2 / 3)
+    cos = M.cosine_rows(ref, other)
+    assert cos.tolist() == pytest.approx([2 ** -0.5, 1.0, 1.0])
+    acc = M.EmbeddingAgreement()
+    acc.update(ref[:, None, :], other[:, None, :])
+    s = acc.summary()
+    assert s["cosine_mean"] == pytest.approx((2 ** -0.5 + 2) / 3) and s["cosine_min"] == pytest.approx(2 ** -0.5)
+    assert s["neighbour_agreement"] == pytest.approx(2 / 3)
+
+
+def test_embedding_metrics_agree_with_torch_and_refuse_bad_shapes():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(10, 16, generator=g), torch.randn(10, 16, generator=g)
+    assert torch.allclose(M.cosine_rows(a, b), torch.nn.functional.cosine_similarity(a.double(), b.double()))
+    assert M.cosine_rows(torch.zeros(1, 3), torch.zeros(1, 3)).item() == 1.0
+    with pytest.raises(ValueError, match="N >= 2"):
+        M.nearest_neighbours(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="shape"):
+        M.neighbour_agreement(a, b[:5])
