@@ -43,7 +43,7 @@ from checkpoint import atomic_write, check_writable, load_checkpoint, pick_devic
 import audit_report
 from data import Task, eval_sizes, unmask
 from int8 import kernel_line, to_int8
-from metrics import OutlierStats, QuantNoise, evaluate, to_device
+from metrics import EmbeddingAgreement, OutlierStats, QuantNoise, evaluate, to_device
 from model import describe, model_from_checkpoint
 
 def parse_bits(s: str):
@@ -99,10 +99,15 @@ def quant_error(model, qmodel, task, batch_size, max_batches, device) -> dict:
     """How far the quantized model's hidden states are from the FP model's, on the same validation inputs:
     SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB and relative error ||x - x_hat|| / ||x|| (metrics.QuantNoise),
     over the whole set, for the final hidden states ("final") and each block's output ("per_block": the
-    LayerNorm output of a post-LN block, the residual sum of a pre-LN one). Needs no head."""
+    LayerNorm output of a post-LN block, the residual sum of a pre-LN one). Needs no head. Also what a user of
+    an encoder sees (metrics.EmbeddingAgreement): the cosine similarity of each validation sequence's
+    mean-pooled embedding under the two models (final["embedding_cosine"], its minimum final["cosine_min"]) and
+    the share of sequences whose nearest neighbour among the others stays the same
+    (final["neighbour_agreement"])."""
     model.eval()
     qmodel.eval()
     noise = QuantNoise()
+    emb = EmbeddingAgreement()
     L = len(model.blocks)
     outs = [f"blocks.{i}." + ("ffn_residual_sum" if model.blocks[i].pre_ln else "ffn_ln_out") for i in range(L)]
     for b in task.iter_valid(batch_size, max_batches):
@@ -111,9 +116,12 @@ def quant_error(model, qmodel, task, batch_size, max_batches, device) -> dict:
         h, qh = features(model, b, rec), features(qmodel, b, qrec)  # (B, T, d) each
         noise.update({"final": h, **{n: rec[n] for n in outs}}, {"final": qh, **{n: qrec[n] for n in outs}},
                      b.get("attention_mask"))
-    s = noise.summary()
+        emb.update(h, qh, b.get("attention_mask"))
+    s, e = noise.summary(), emb.summary()
     keep = ("sqnr_db", "rel_error")
-    return {"final": {k: s["final"][k] for k in keep}, "per_block": [{k: s[n][k] for k in keep} for n in outs]}
+    final = {**{k: s["final"][k] for k in keep}, "embedding_cosine": e["cosine_mean"], "cosine_min": e["cosine_min"],
+             "neighbour_agreement": e["neighbour_agreement"]}
+    return {"final": final, "per_block": [{k: s[n][k] for k in keep} for n in outs]}
 
 
 def act_ranges(qmodel) -> list[dict]:
@@ -297,6 +305,8 @@ def _ptq_entry(runs: list, m: str, n_layers: int) -> dict:
     entry = _mean_std([r["val_" + m] for r in runs]) if m else {}
     entry["sqnr_db"] = _mean_std([e["final"]["sqnr_db"] for e in errs])
     entry["rel_error"] = _mean_std([e["final"]["rel_error"] for e in errs])
+    for k in ("embedding_cosine", "neighbour_agreement"):
+        entry[k] = _mean_std([e["final"][k] for e in errs])
     entry["per_block"] = [{k: statistics.fmean(e["per_block"][i][k] for e in errs) for k in ("sqnr_db", "rel_error")}
                           for i in range(n_layers)]
     return entry
@@ -304,6 +314,9 @@ def _ptq_entry(runs: list, m: str, n_layers: int) -> dict:
 
 def _ptq_line(entry: dict, m: str, seeds) -> str:
     sq = f"SQNR {entry['sqnr_db']['mean']:.1f} dB, rel. error {entry['rel_error']['mean']:.4f} (final hidden states)"
+    if "embedding_cosine" in entry:
+        sq += (f", mean-pooled embedding cosine {entry['embedding_cosine']['mean']:.4f}, nearest neighbour kept "
+               f"{100 * entry['neighbour_agreement']['mean']:.1f}%")
     if not m:
         return f"{sq}, seeds {seeds}"
     return f"{m} {entry['mean']:.3f} +- {entry['std']:.3f}  (seeds {seeds}: " \
