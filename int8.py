@@ -24,9 +24,9 @@ same grid as in the simulation. Two kernels compute it (`KERNELS`):
              `quantized.linear_with_input_q_dq_qweight_dq_output_fp32` (FBGEMM only; the same accumulator, then
              acc s_x s_w + b in float32, like "int_mm"). Without VNNI, FBGEMM multiplies u8 x s8 PAIRS into int16
              with saturation (vpmaddubsw), which full 8-bit grids can overflow; `engine_probe` detects this with
-             two tiny products, and then every weight pair (k = 2j, 2j + 1) that could overflow (same sign,
-             q_max(x) (|q_w0| + |q_w1|) > 32767) is spread over four packed columns, each weight split in two
-             halves that read the same input column (`_spread_overflowing_pairs`). The accumulator is exact.
+             two tiny products, and then the input columns are re-paired so that no pair can overflow in any
+             row (same sign and q_max(x) (|q_w0| + |q_w1|) > 32767); a column without a safe partner is read
+             twice with its weight split in two halves (`_pair_columns`). The accumulator is exact.
   "int_mm"   `torch._int_mm` (int8 x int8 -> int32, exact), the zero point as the correction term
              z'_x * rowsum(q_w) (precomputed), the rescale s_x s_w[n] and the bias one float multiply-add, then
              the output quantizer in float. Fast on CUDA and on CPUs with VNNI / AMX (oneDNN); without VNNI torch
@@ -137,8 +137,8 @@ def engine_probe(engine: str | None = None) -> dict:
 
     {"engine": name, "usable": bool, "why": str, "pairs_saturate": bool, "float_out": bool}
       pairs_saturate  255 * 127 + 255 * 127 (one pair k = 0, 1) comes back clipped to 32767: u8 x s8 pairs are
-                      summed in int16 with saturation (FBGEMM / oneDNN without VNNI); Int8Linear then spreads
-                      the weight pairs that could overflow over four columns (module docstring);
+                      summed in int16 with saturation (FBGEMM / oneDNN without VNNI); Int8Linear then
+                      re-pairs the input columns so that no pair can overflow (module docstring);
       usable          False if the engine is missing, or if it saturates on pairs other than (2j, 2j + 1) (then
                       the split would not help);
       float_out       the float-output static op exists for this engine (FBGEMM).
@@ -167,7 +167,7 @@ def _probe(engine: str) -> dict:
         r["why"] = f"engine {engine!r} saturates products other than adjacent pairs (got {got}, want {exact})"
         return r
     r["usable"] = True
-    r["why"] = "u8 x s8 pairs saturate in int16 (no VNNI): overflowing weight pairs are spread" \
+    r["why"] = "u8 x s8 pairs saturate in int16 (no VNNI): input columns re-paired so that none overflows" \
         if r["pairs_saturate"] else "exact int32 accumulation"
     return r
 
@@ -268,14 +268,14 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear: torch's quantized engine runs on the CPU only")
         columns, codes = None, self.weight_codes
         if probe["pairs_saturate"]:
-            columns, codes = _spread_overflowing_pairs(self.weight_codes, self.in_qmax)
+            columns, codes = _pair_columns_cached(self.weight_codes, self.in_qmax)
         if not self._requantizes() and not probe["float_out"]:
             raise ValueError(f"Int8Linear: no 8-bit output quantizer: the float-output static op is needed, which "
                              f"engine {engine!r} lacks")
         axis = 0 if self.w_scale.ndim else None
         with _engine(engine):
             self._packed = torch.ops.quantized.linear_prepack(_qtensor(codes, self.w_scale, 0, axis), self.bias)
-        self.columns = columns  # None, or (K',) long: the input columns the packed weight reads (spread pairs)
+        self.columns = columns  # None, or (K',) long: the input columns the packed weight reads, in order
         self.kernel, self.engine = "qengine", engine
         self._s_in, self._z_in = float(self.in_scale), int(self.in_zero)
 
@@ -299,7 +299,7 @@ class Int8Linear(nn.Module):
     def _forward_qengine(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()  # (M, K), on the input grid
         if self.columns is not None:
-            x2 = x2.index_select(1, self.columns)  # (M, K'): the spread pairs read their columns twice
+            x2 = x2.index_select(1, self.columns)  # (M, K'): the input in the packed weight's column order
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantize.*deprecated")
             if self._requantizes():  # the engine requantizes: one op in, one op out
@@ -320,28 +320,81 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight int8 {per}, {kernel}"
 
 
-def _spread_overflowing_pairs(codes: torch.Tensor, in_qmax: int):
+def _conflicts(w: torch.Tensor, in_qmax: int, budget: int = 400_000_000) -> torch.Tensor | None:
+    """(K, K) bool: columns a and b cannot share an int16 pair, i.e. in some row n q_w[n, a] q_w[n, b] > 0 and
+    in_qmax (|q_w[n, a]| + |q_w[n, b]|) > 32767, i.e. |q_w[n, a]| + |q_w[n, b]| >= L = 32767 // in_qmax + 1. The
+    larger of the two is >= L / 2, so only the rows where column a holds such an entry are compared; None if that
+    would take more than `budget` comparisons (most weights large: no pairing helps much)."""
+    N, K = w.shape
+    L = _INT16_MAX // in_qmax + 1
+    big = 2 * w.abs() >= L  # (N, K)
+    if int(big.sum()) * K > budget:
+        return None
+    n_big, a_big = big.nonzero(as_tuple=True)  # (B,), (B,)
+    wf = w.float()
+    conflict = torch.zeros(K, K)
+    step = max(1, 4_000_000 // K)
+    for i in range(0, len(n_big), step):  # (b, K) comparisons in chunks of about 4 10^6
+        n, a = n_big[i:i + step], a_big[i:i + step]
+        v = wf[n, a].unsqueeze(1)  # (b, 1)
+        bad = (wf[n] * v.sign()) >= (L - v.abs())  # (b, K): same sign and |v| + |w| >= L
+        conflict.index_add_(0, a, bad.float())
+    conflict = conflict > 0
+    conflict.fill_diagonal_(False)
+    return conflict | conflict.t()
+
+
+_PAIRINGS: dict = {}  # (weight bytes hash, shape, in_qmax) -> _pair_columns' result: PTQ seeds share the weights
+
+
+def _pair_columns_cached(codes: torch.Tensor, in_qmax: int):
+    """_pair_columns, remembered for the same weight codes and input grid (a few seconds per BERT-base layer)."""
+    key = (hash(codes.cpu().numpy().tobytes()), tuple(codes.shape), int(in_qmax))
+    if key not in _PAIRINGS:
+        _PAIRINGS[key] = _pair_columns(codes, in_qmax)
+    return _PAIRINGS[key]
+
+
+def _pair_columns(codes: torch.Tensor, in_qmax: int):
     """For an engine that sums u8 x s8 products in int16 pairs (k = 2j, 2j + 1) with saturation: codes (N, K) int8
-    -> (columns (K',) long or None, packed codes (N, K') int8). Every pair whose products can pass 32767 in some
-    row (same sign and in_qmax (|q_w0| + |q_w1|) > 32767) is spread over four columns: each of its two input
-    columns is read twice (columns[i] = k), with the weight halves trunc(q_w / 2) and q_w - trunc(q_w / 2), so
-    each new pair holds one weight split in two (|sum| <= 255 * 127) and sum_k (q_x - z_x) q_w is unchanged.
-    (None, codes) when no pair can overflow (always, for inputs of 7 bits or fewer)."""
+    -> (columns (K',) long or None, packed codes (N, K') int8) such that no pair of the packed weight can
+    overflow for any input codes in [0, in_qmax] and sum_k' x[columns[k']] packed[n, k'] = sum_k x[k] q_w[n, k].
+
+    The K input columns are paired greedily (the columns with the most conflicts first, `_conflicts`) so that no
+    pair conflicts in any row; a column left without a partner is read twice, with the weight halves
+    trunc(q_w / 2) and q_w - trunc(q_w / 2) (a pair of one weight split in two: |sum| <= 255 * 127). The input is
+    then read in the order `columns` (one index_select). (None, codes) when no pair of the original order can
+    overflow (always, for inputs of 7 bits or fewer)."""
     N, K = codes.shape
     w = codes.to(torch.int32)
     wp = w[:, : K - K % 2].reshape(N, -1, 2)  # (N, K // 2, 2); an odd last column has no partner
-    risky = ((wp[..., 0] * wp[..., 1] > 0) & (in_qmax * wp.abs().sum(-1) > _INT16_MAX)).any(0)  # (K // 2,)
-    if not bool(risky.any()):
+    if not bool(((wp[..., 0] * wp[..., 1] > 0) & (in_qmax * wp.abs().sum(-1) > _INT16_MAX)).any()):
         return None, codes
-    spread = torch.zeros(K, dtype=torch.long)
-    spread[: K - K % 2] = risky.repeat_interleave(2).long()  # (K,) 1 where a column is read twice
-    columns = torch.repeat_interleave(torch.arange(K), 1 + spread)  # (K',), pairs stay on even offsets
-    first = torch.cumsum(1 + spread, 0) - (1 + spread)  # (K,) where each column's first copy sits
-    half = torch.div(w, 2, rounding_mode="trunc")
+    conflict = _conflicts(w, in_qmax)
+    pairs, lonely = [], []
+    if conflict is None:  # too many large weights to compare: every column split in two
+        lonely = list(range(K))
+    else:
+        free = torch.ones(K, dtype=torch.bool)
+        degree = conflict.sum(1)
+        for a in torch.argsort(degree, descending=True, stable=True).tolist():
+            if not free[a]:
+                continue
+            free[a] = False
+            ok = free & ~conflict[a]
+            if bool(ok.any()):
+                b = int(torch.where(ok, degree, -1).argmax())  # the hardest partner still possible
+                free[b] = False
+                pairs.append((a, b))
+            else:
+                lonely.append(a)
+    columns = torch.tensor([k for ab in pairs for k in ab] + [k for k in lonely for _ in range(2)], dtype=torch.long)
     packed = w[:, columns]  # (N, K')
-    k = spread.nonzero().flatten()
-    packed[:, first[k]] = half[:, k]
-    packed[:, first[k] + 1] = w[:, k] - half[:, k]
+    if lonely:
+        at = 2 * len(pairs) + 2 * torch.arange(len(lonely))
+        ks = torch.tensor(lonely)
+        half = torch.div(w[:, ks], 2, rounding_mode="trunc")
+        packed[:, at], packed[:, at + 1] = half, w[:, ks] - half
     return columns, packed.to(torch.int8)
 
 

@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--no-onednn", action="store_true",
                     help="turn oneDNN off, so torch._int_mm runs the plain loop a CPU without VNNI gets (emulation)")
     ap.add_argument("--skip-layers", action="store_true", help="only the whole-model timing")
+    ap.add_argument("--skip-model", action="store_true", help="only the per-layer timing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,7 +188,8 @@ def main():
     machine(kernels, args.no_onednn)
     if not args.skip_layers:
         bench_layers(args.batch_size, args.rounds, kernels)
-    bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels)
+    if not args.skip_model:
+        bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels)
 
 
 if __name__ == "__main__":

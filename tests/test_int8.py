@@ -1,7 +1,7 @@
 """Tests for int8.py: integer linear layers on every kernel (torch._int_mm, and torch's quantized engines x86 /
 fbgemm / qnnpack / onednn where this torch has them) against the simulated (fake-quant) layers they replace, on
 random layers and on a trained tiny model; against a float64 reference of the same integer arithmetic; the
-overflow-safe weight spreading for engines that saturate int16 pairs (also in a subprocess with FBGEMM forced to
+overflow-safe column pairing for engines that saturate int16 pairs (also in a subprocess with FBGEMM forced to
 AVX2); the kernel choice and the forced kernels; and end to end on small models of every architecture and
 attention mode. CPU; no test looks at time."""
 
@@ -185,20 +185,31 @@ def test_layer_without_output_quantizer_gives_float_output(kernel):
     assert (y_int - y_sim).abs().max().item() <= 1e-5 * y_sim.abs().max().item()
 
 
-def test_spread_overflowing_pairs_keeps_the_sum_and_bounds_every_pair():
+@pytest.mark.parametrize("weights", ["uniform", "gaussian", "one column large"])
+def test_pair_columns_keeps_the_sum_and_bounds_every_pair(weights):
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(-127, 128, (37, 51), dtype=torch.int8, generator=g)  # uniform codes: many risky pairs
-    codes[:, 0], codes[:, 1] = 127, 127  # a pair that overflows in every row
-    columns, packed = int8._spread_overflowing_pairs(codes, 255)
-    assert columns is not None and packed.dtype == torch.int8 and packed.shape == (37, len(columns))
-    x = torch.randint(0, 256, (9, 51), generator=g).long()  # any 8-bit input codes
+    N, K = 37, 51
+    if weights == "uniform":  # most pairs can overflow: many columns read twice
+        codes = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    else:  # max-scaled normal weights (as in BERT): re-pairing alone avoids every overflow
+        w = torch.randn(N, K, generator=g)
+        if weights == "one column large":
+            w[:, 0] *= 40  # conflicts with every column: it must be split
+        codes = torch.round(w * (127 / w.abs().max())).to(torch.int8)
+    codes[:, 1], codes[:, 2] = 127, 127  # a pair that overflows in every row in the original order
+    columns, packed = int8._pair_columns(codes, 255)
+    assert columns is not None and packed.dtype == torch.int8 and packed.shape == (N, len(columns))
+    assert sorted(set(columns.tolist())) == list(range(K))  # every input column read, once or twice
+    x = torch.randint(0, 256, (9, K), generator=g).long()  # any 8-bit input codes
     assert torch.equal(x[:, columns] @ packed.long().t(), x @ codes.long().t())  # the same integer sums
     K2 = len(columns) - len(columns) % 2
-    pairs = packed.long()[:, :K2].reshape(37, -1, 2)
+    pairs = packed.long()[:, :K2].reshape(N, -1, 2)
     worst = torch.where(pairs[..., 0] * pairs[..., 1] > 0, pairs.abs().sum(-1), pairs.abs().amax(-1)) * 255
     assert worst.max().item() <= 32767  # no pair of the packed weight can saturate int16
-    # a 6-bit input cannot overflow a pair: nothing is spread
-    assert int8._spread_overflowing_pairs(codes, 63) == (None, codes)
+    if weights == "gaussian":
+        assert len(columns) <= K + 3  # re-paired; split: the two all-127 columns and the odd one out
+    # a 6-bit input cannot overflow a pair: nothing is re-paired
+    assert int8._pair_columns(codes, 63) == (None, codes)
 
 
 _AVX2_SCRIPT = r"""
@@ -218,19 +229,19 @@ xs = [torch.randn(4, 8, 64, generator=g) * 3 for _ in range(3)]
 qm = Q.calibrate(Q.quantize_model(net, Q.QuantConfig()), xs)
 x = qm[0](torch.randn(4, 8, 64, generator=g) * 3)
 s = qm[1].output_quantizer.scale
-spread = int8.to_int8(qm, xs[0], kernel="qengine")[0][1]
+paired = int8.to_int8(qm, xs[0], kernel="qengine")[0][1]
 ref = int8.to_int8(qm, xs[0], kernel="int_mm")[0][1]
 bare = int8.Int8Linear.from_quantized(qm[1], qm[0].output_quantizer, kernel="qengine")
 bare.columns, bare._packed = None, torch.ops.quantized.linear_prepack(
-    int8._qtensor(bare.weight_codes, bare.w_scale, 0), bare.bias)  # the same layer without the spreading
-print(len(spread.columns) if spread.columns is not None else 0,
-      ((spread(x) - ref(x)).abs() / s).max().item(), ((bare(x) - ref(x)).abs() / s).max().item())
+    int8._qtensor(bare.weight_codes, bare.w_scale, 0), bare.bias)  # the same layer without the re-pairing
+print(len(paired.columns) if paired.columns is not None else 0,
+      ((paired(x) - ref(x)).abs() / s).max().item(), ((bare(x) - ref(x)).abs() / s).max().item())
 """
 
 
-def test_fbgemm_without_vnni_is_exact_with_spread_pairs():
+def test_fbgemm_without_vnni_is_exact_with_paired_columns():
     """FBGEMM forced to AVX2 (no VNNI: u8 x s8 pairs summed in int16 with saturation), in a subprocess: the
-    probe sees the saturation, the plain packed weight is wrong by many steps, the spread one is exact."""
+    probe sees the saturation, the plain packed weight is wrong by many steps, the re-paired one is exact."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch has no FBGEMM")
     env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
@@ -241,10 +252,10 @@ def test_fbgemm_without_vnni_is_exact_with_spread_pairs():
     if not first.startswith("SATURATES"):
         pytest.skip(f"FBGEMM_ENABLE_INSTRUCTIONS=AVX2 did not give a saturating FBGEMM here ({first})")
     assert first == "SATURATES True"
-    n_cols, spread_steps, bare_steps = last.split()
-    assert int(n_cols) > 64  # pairs were spread
-    assert float(spread_steps) <= 1 + 1e-4  # exact (float rounding at most one step, as on every kernel)
-    assert float(bare_steps) > 2  # without the spreading the saturation shows
+    n_cols, paired_steps, bare_steps = last.split()
+    assert int(n_cols) >= 64  # the columns were re-paired (uniform weights: many split)
+    assert float(paired_steps) <= 1 + 1e-4  # exact (float rounding at most one step, as on every kernel)
+    assert float(bare_steps) > 2  # without the re-pairing the saturation shows
 
 
 def test_choose_kernel_rule_and_forced_kernels(monkeypatch):
