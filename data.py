@@ -574,6 +574,21 @@ def _resolve_text_source(source: str, cache_dir: Path) -> tuple[str, dict[str, l
     return f"wikitext-{path.name}", splits
 
 
+def text_documents(source: str, split: str = "train", limit: int | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """The first `limit` documents (non-blank lines, untokenised) of a text source's split, as the data pipeline
+    reads them: e.g. to check a tokenizer on real text."""
+    _, splits = _resolve_text_source(source, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+    if split not in splits:
+        raise DataError(f"{source} has no {split!r} split (it has {', '.join(sorted(splits))})")
+    out = []
+    for doc in _iter_documents(splits[split]):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(doc)
+    return out
+
+
 BUILTIN_SOURCES = ("builtin", "builtin-wiki", "builtin-torch", "synthetic")  # names, not paths
 PATH_PREFIXES = ("wikitext-103", "wikitext-2", "wikitext", "text", "cifar10", "cifar-10")
 

@@ -228,6 +228,59 @@ def sensitivity(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, 
     return out
 
 
+MIXED_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # how many of the worst activation quantizers to keep in FP
+
+
+def mixed_precision(model, task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
+                    progress=True, margin_db=1.0, cosine_target=0.99) -> dict:
+    """How many activation quantizers must stay out of the low-bit grid (kept in floating point: 16-bit floats
+    in a deployment, simulated in float32 here) before the quantized model is as good as its weights alone?
+    (A 16-bit INTEGER grid over the calibrated range would not do: it still clips everything outside the range
+    the calibration batches saw.)
+
+    Order: each quantizer's own damage (quant.local_act_sqnr on two calibration batches, every activation in
+    floating point), worst first. For k in MIXED_STEPS (and all of them), the k worst are kept in FP and
+    the final hidden states are compared with the FP model's (quant_error: SQNR, embedding cosine, neighbour
+    agreement). The reference is the same model with its weights quantized and every activation in floating
+    point ("weights_only"). kept_for_sqnr: the least k with an SQNR within `margin_db` of the weights-only
+    SQNR; kept_for_cosine: the least k with an embedding cosine >= cosine_target (None: not even all of them)."""
+    qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress)
+    fwd = lambda m, b: m(**b)  # noqa: E731
+    probe = [to_device(task.batch("train", s, calib_batch_size, seed=seed, augment=False), device)
+             for s in calibration_steps(seed, 2)]
+    local = Q.local_act_sqnr(qmodel, probe, fwd)
+    order = sorted(local, key=lambda n: local[n])
+    Q.set_quant_state(qmodel, weights=True, acts=False)
+    ref = quant_error(model, qmodel, task, eval_bs, eval_batches, device)["final"]
+    Q.set_quant_state(qmodel, weights=True, acts=True)
+    steps, done = [], 0
+    for k in sorted({min(k, len(order)) for k in MIXED_STEPS} | {len(order)}):
+        for name in order[done:k]:
+            qmodel.get_submodule(name).enabled = False
+        done = k
+        e = quant_error(model, qmodel, task, eval_bs, eval_batches, device)["final"]
+        steps.append({"kept": k, **{m: e[m] for m in ("sqnr_db", "embedding_cosine", "neighbour_agreement")}})
+    first = lambda ok: next((s["kept"] for s in steps if ok(s)), None)  # noqa: E731
+    return {"seed": seed, "kept_in": "floating point", "n_act_quantizers": len(order), "margin_db": margin_db,
+            "cosine_target": cosine_target, "order": [[n, local[n]] for n in order],
+            "weights_only": {m: ref[m] for m in ("sqnr_db", "embedding_cosine", "neighbour_agreement")},
+            "steps": steps, "kept_for_sqnr": first(lambda s: s["sqnr_db"] >= ref["sqnr_db"] - margin_db),
+            "kept_for_cosine": first(lambda s: s["embedding_cosine"] >= cosine_target)}
+
+
+def print_mixed_precision(mp: dict, key: str) -> None:
+    w = mp["weights_only"]
+    print(f"\nMixed precision at {key} (seed {mp['seed']}): the worst activation quantizers (own SQNR, lowest "
+          f"first) kept in floating point; weights only: SQNR {w['sqnr_db']:.1f} dB, cosine "
+          f"{w['embedding_cosine']:.4f}")
+    for s in mp["steps"]:
+        print(f"  {s['kept']:>4} of {mp['n_act_quantizers']} kept: SQNR {s['sqnr_db']:6.1f} dB, cosine "
+              f"{s['embedding_cosine']:.4f}, neighbour kept {100 * s['neighbour_agreement']:.1f}%")
+    print(f"  worst five: {', '.join(f'{n} ({v:.1f} dB)' for n, v in mp['order'][:5])}")
+    print(f"  needed: {mp['kept_for_sqnr']} for an SQNR within {mp['margin_db']:g} dB of weights only, "
+          f"{mp['kept_for_cosine']} for cosine >= {mp['cosine_target']:g}")
+
+
 def metric_name(cfg):
     """"acc" (ViT), "ppl" (BERT, OPT), or None for a model without a head (SQNR only)."""
     if not cfg.head:
@@ -272,6 +325,10 @@ def main(argv=None):
     ap.add_argument("--analysis", action="store_true",
                     help="also the outlier and attention analysis (section 3) and the audit report audit.md + "
                          "audit.json in the output folder")
+    ap.add_argument("--mixed-precision", action="store_true",
+                    help="also find, at the first --bits, how many of the worst activation quantizers must stay in "
+                         "floating point to come within 1 dB (SQNR) of the weights-only model and to reach "
+                         "embedding cosine 0.99 (first PTQ seed)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="also measure, at the last --bits, the cost of each kind of activation quantizer alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -407,6 +464,13 @@ def _main(args):
             result["analysis"]["shuffled_order_ppl"] = sh["val_ppl"]
             print(f"MLM perplexity with each sequence's token order shuffled: {sh['val_ppl']:.3f} "
                   f"(in order: {fp['val_ppl']:.3f}; equal values mean word order is not used)")
+    if args.mixed_precision:
+        wb, ab = bits[0]
+        mp = mixed_precision(model, task, _qcfg(args, model, wb, ab), args.seeds[0], args.calib_batches, calib_bs,
+                             eval_bs, eval_batches if not cfg.head else min(eval_batches, args.sqnr_batches or
+                                                                            eval_batches), device, progress)
+        result["mixed_precision"] = {"bits": f"W{wb}A{ab}", **mp}
+        print_mixed_precision(mp, f"W{wb}A{ab}")
     if args.sensitivity:
         wb, ab = bits[-1]
         sens = sensitivity(model, task, _qcfg(args, model, wb, ab), args.seeds[0], args.calib_batches, calib_bs,

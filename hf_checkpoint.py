@@ -104,7 +104,7 @@ import torch
 
 import tokenizer as T
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from data import absolute_source
+from data import SEQ_FORMATS, absolute_source
 from model import (BertConfig, OPTConfig, ViTConfig, build_model, config_to_dict, is_head_param,
                    model_from_checkpoint)
 
@@ -919,11 +919,12 @@ def image_preprocessing(folder: str | os.PathLike, cfg, notes: list) -> tuple[li
 
 
 def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_seq_len: int | None = None,
-                  tokenizer_path: str = "", head: bool | None = None) -> dict:
+                  tokenizer_path: str = "", head: bool | None = None, seq_format: str | None = None) -> dict:
     """Write a train.py-style run folder (ckpt.pt at step 0 + the tokenizer as vocab.txt) for a Hugging Face
     checkpoint, so that eval_ptq.py and scripts/figures.py evaluate it like a trained run. Returns the checkpoint.
     head: as for load_hf_model (None: the head if the folder has one). The data path is stored absolute; an
-    image model stores the normalisation it expects (image_preprocessing)."""
+    image model stores the normalisation it expects (image_preprocessing); a BERT stores how its evaluation
+    sequences are cut, seq_format (default "cls_sep": [CLS] T-2 tokens [SEP], as a pretrained BERT saw text)."""
     run = Path(run_folder)
     if (run / "ckpt.pt").exists():
         raise ValueError(f"{run / 'ckpt.pt'} exists: choose a new run folder")
@@ -940,6 +941,13 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
     # what evaluation reads of a run's training settings: its data and validation sizes (no optimizer state:
     # an imported run is evaluated, not resumed)
     tc = {"data": absolute_source(data), "eval_batch_size": 64, "eval_batches": 50}
+    if cfg.arch == "bert":  # how its sequences are cut: a pretrained BERT saw [CLS] text [SEP] (data.SEQ_FORMATS)
+        seq_format = seq_format or "cls_sep"
+        if seq_format not in SEQ_FORMATS:
+            raise ValueError(f"--seq-format {seq_format!r}: choose one of {SEQ_FORMATS}")
+        tc["seq_format"] = seq_format
+    elif seq_format not in (None, "stream"):
+        raise ValueError(f"--seq-format {seq_format} applies to BERT only (OPT reads the plain token stream)")
     if cfg.arch == "vit":
         tc["image_mean"], tc["image_std"] = image_preprocessing(hf_folder, cfg, notes)
     run.mkdir(parents=True, exist_ok=True)
@@ -957,7 +965,7 @@ def import_to_run(hf_folder: str, run_folder: str, data: str = "builtin", max_se
 
 def _cmd_import(args):
     ck = import_to_run(args.hf_folder, args.run_folder, args.data, args.max_seq_len, args.tokenizer,
-                       head=False if args.no_head else None)
+                       head=False if args.no_head else None, seq_format=args.seq_format)
     cfg = ck["config"]
     if cfg["arch"] == "vit":
         shape = f"{cfg['image_size']}px images, {cfg['patch_size']}px patches, {cfg['n_classes']} classes"
@@ -1013,6 +1021,9 @@ def build_parser():
                           "for OPT); also the evaluation's sequence length")
     imp.add_argument("--tokenizer", default="", help="tokenizer to use instead of the folder's (a vocab.txt, or a "
                                                     "folder with vocab.json + merges.txt)")
+    imp.add_argument("--seq-format", default=None, choices=["cls_sep", "stream"],
+                     help="BERT: evaluation sequences as [CLS] T-2 tokens [SEP] (cls_sep, the default: how a "
+                          "pretrained BERT saw text) or T tokens of the document stream")
     imp.add_argument("--no-head", action="store_true",
                      help="import the body alone (embeddings, blocks, final LayerNorm) even if the folder has a head; "
                           "a folder without head tensors (BertModel, ViTModel) is imported this way anyway")

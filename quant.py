@@ -733,6 +733,41 @@ def set_quant_state(qmodel: nn.Module, weights: bool = True, acts: bool = True) 
     return qmodel
 
 
+@torch.no_grad()
+def local_act_sqnr(qmodel: nn.Module, batches, forward_fn=None) -> dict[str, float]:
+    """Each calibrated activation quantizer's own damage: SQNR = 10 log10(sum x^2 / sum (x - q(x))^2) in dB of
+    its tensor x, measured with every activation in floating point (weights as they are), so one quantizer's
+    error does not reach the next. Lowest first is the order in which to keep tensors in higher precision (mixed
+    precision: `enabled = False` on the worst quantizers keeps those tensors in floating point).
+    Returns {quantizer name: SQNR dB}; the model's quantizers are left as they were."""
+    forward_fn = forward_fn if forward_fn is not None else (lambda m, b: m(b))
+    acts = [(n, q) for n, q in _act_quantizers(qmodel) if q.scale is not None]
+    was = {n: q.enabled for n, q in acts}
+    energy = {n: [0.0, 0.0] for n, _ in acts}
+
+    def hook(name):
+        def measure(q, args, out):
+            x = args[0]
+            if torch.is_tensor(x) and x.is_floating_point():
+                x_hat = fake_quantize(x, q.scale.to(x.device), q.zero_point.to(x.device), q.qmin, q.qmax)
+                energy[name][0] += float(x.double().pow(2).sum())
+                energy[name][1] += float((x_hat.double() - x.double()).pow(2).sum())
+        return measure
+
+    handles = [q.register_forward_hook(hook(n)) for n, q in acts]
+    try:
+        for _, q in acts:
+            q.enabled = False
+        for b in batches:
+            forward_fn(qmodel, b)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, q in acts:
+            q.enabled = was[n]
+    return {n: (10 * math.log10(s / e) if e > 0 and s > 0 else math.inf) for n, (s, e) in energy.items()}
+
+
 def quant_summary(qmodel: nn.Module) -> dict:
     """What is quantized: counts and names of the activation and weight quantizers.
 

