@@ -278,6 +278,8 @@ class Int8Linear(nn.Module):
         self.columns = columns  # None, or (K',) long: the input columns the packed weight reads, in order
         self.kernel, self.engine = "qengine", engine
         self._s_in, self._z_in = float(self.in_scale), int(self.in_zero)
+        q = self.output_quantizer
+        self._out = (float(q.scale), int(q.zero_point), q.qmin, q.qmax) if self._requantizes() else None
 
     # --------------------------------------------------------------------------------------------- computing
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,13 +304,12 @@ class Int8Linear(nn.Module):
             x2 = x2.index_select(1, self.columns)  # (M, K'): the input in the packed weight's column order
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantize.*deprecated")
-            if self._requantizes():  # the engine requantizes: one op in, one op out
-                q = self.output_quantizer
+            if self._out is not None:  # the engine requantizes: one op in, one op out
+                s, z, qmin, qmax = self._out
                 qx = torch.quantize_per_tensor(x2, self._s_in, self._z_in, torch.quint8)
-                y = torch.ops.quantized.linear(qx, self._packed, float(q.scale), int(q.zero_point)).dequantize()
-                if q.qmin > 0 or q.qmax < 255:  # a grid narrower than quint8's: clip as the simulation does
-                    s, z = float(q.scale), int(q.zero_point)
-                    y.clamp_((q.qmin - z) * s, (q.qmax - z) * s)
+                y = torch.ops.quantized.linear(qx, self._packed, s, z).dequantize()
+                if qmin > 0 or qmax < 255:  # a grid narrower than quint8's: clip as the simulation does
+                    y.clamp_((qmin - z) * s, (qmax - z) * s)
                 return y.reshape(*x.shape[:-1], self.out_features)
             y = _float_out_op()(x2, self._s_in, self._z_in, self._packed)  # acc s_x s_w + b, float32
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -398,6 +399,64 @@ def _pair_columns(codes: torch.Tensor, in_qmax: int):
     return columns, packed.to(torch.int8)
 
 
+# ================================================================================= the other activation grids
+
+class FastActQuantizer(nn.Module):
+    """A frozen ActQuantizer in four float passes instead of six: Eq. 1 with the zero point folded into the clip,
+
+        s * (clip(round(x * (1 / s)) + z, qmin, qmax) - z) = s * clip(round(x * (1 / s)), qmin - z, qmax - z),
+
+    the same float32 operations on exact integers, so bit-identical (`to_int8` swaps one in only after `_same_as`
+    confirmed it on values at, next to and beyond every rounding boundary). Anything but a float32 tensor without
+    autograd goes to the original quantizer (`.original`). (torch's quantize_per_tensor kernel is not used: it
+    adds the zero point before rounding and rounds its reciprocal from float64, which moves near-ties.)"""
+
+    quantizes_activations = True
+
+    def __init__(self, q: ActQuantizer):
+        super().__init__()
+        self.original = q
+        self.zero_point, self.qmin, self.qmax = int(q.zero_point), q.qmin, q.qmax
+        self.register_buffer("scale", q.scale.detach().reshape(()).float().clone())
+        self.register_buffer("inv_scale", 1.0 / self.scale)  # float32, exactly as ActQuantizer computes it
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):
+            return self.original(x)
+        z = self.zero_point
+        return torch.round(x * self.inv_scale).clamp_(self.qmin - z, self.qmax - z).mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.4g}, zero_point={self.zero_point}, grid=[{self.qmin}, {self.qmax}]"
+
+
+def _same_as(fast: FastActQuantizer, q: ActQuantizer) -> bool:
+    """fast(x) == q(x) bit for bit on values at, next to and beyond the rounding boundaries of q's grid."""
+    s, z = float(fast.scale), fast.zero_point
+    k = torch.arange(q.qmin - z - 3, q.qmax - z + 4, dtype=torch.float32)  # grid indices and a few beyond
+    x = torch.cat([k * s, (k + 0.5) * s, torch.nextafter((k + 0.5) * s, torch.tensor(float("inf"))),
+                   torch.nextafter((k + 0.5) * s, torch.tensor(float("-inf"))),
+                   torch.randn(4096, generator=torch.Generator().manual_seed(0)) * s * (q.qmax - q.qmin) / 4])
+    with torch.no_grad():
+        return torch.equal(fast(x), q(x))
+
+
+def _fast_act_quantizers(imodel: nn.Module) -> int:
+    """Swap every frozen ActQuantizer of imodel (activation slots, and the output quantizers of embeddings,
+    LayerNorms and _int_mm layers) for a FastActQuantizer where that is bit-identical; returns how many."""
+    n = 0
+    for name, q in list(imodel.named_modules()):
+        if not (isinstance(q, ActQuantizer) and q.enabled and not q.observing and q.scale is not None
+                and q.scale.numel() == 1):
+            continue
+        fast = FastActQuantizer(q).to(q.scale.device)
+        if _same_as(fast, q):
+            parent_name, _, child = name.rpartition(".")
+            setattr(imodel.get_submodule(parent_name), child, fast)
+            n += 1
+    return n
+
+
 # =========================================================================================== the whole model
 
 def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto") -> tuple[nn.Module, dict]:
@@ -411,7 +470,11 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto") 
     report["int_mm_because"].
     Returns (imodel, report) with report = {"int8": [layer names], "simulated": {layer name: why},
     "kernel": the kernel chosen, "kernel_why": why, "engine": the quantized engine or None,
-    "kernels": {layer name: kernel}, "int_mm_because": {layer name: why}, "cpu": cpu_info()}.
+    "kernels": {layer name: kernel}, "int_mm_because": {layer name: why}, "cpu": cpu_info(),
+    "fast_act_quantizers": how many other activation quantizers now run on torch's quantize kernel}.
+    Every other frozen activation quantizer (the grids of LayerNorm outputs, residual sums, attention scores,
+    probabilities and context, GELU outputs) becomes a FastActQuantizer where it is bit-identical to the
+    simulation's.
     """
     forward_fn = forward_fn if forward_fn is not None else (lambda m, b: m(b))
     imodel = copy.deepcopy(qmodel).eval()
@@ -442,6 +505,7 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto") 
             setattr(imodel.get_submodule(parent_name), child, layer)
             report["int8"].append(name)
             report["kernels"][name] = layer.kernel
+    report["fast_act_quantizers"] = _fast_act_quantizers(imodel)
     return imodel, report
 
 
@@ -459,4 +523,5 @@ def kernel_line(report: dict) -> str:
     else:
         what = "torch._int_mm"
     return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_q if report['kernel'] == 'qengine' else n}"
-            f" of {n} linear layers on {what}; {cpu}; float: {', '.join(FLOAT_PARTS)}")
+            f" of {n} linear layers on {what}; {cpu}; float: {', '.join(FLOAT_PARTS)} (their "
+            f"{report.get('fast_act_quantizers', 0)} activation grids in 4 passes instead of 6)")

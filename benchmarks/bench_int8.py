@@ -73,7 +73,7 @@ def weight_bytes(model: nn.Module) -> int:
     return n
 
 
-EMULATION_VARS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+EMULATION_VARS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 NAMES = {"fp32": "FP32", "sim": "simulated", "int_mm": "_int_mm", "qengine": "qengine"}
 
@@ -128,8 +128,8 @@ def bench_layers(batch: int, rounds: int, kernels) -> None:
             ims[kern], _ = int8.to_int8(qm, xs[0], kernel=kern)
             fns[kern] = (lambda lin: lambda: lin(x))(ims[kern][1])
         t = interleaved(fns, rounds)
-        spread = getattr(ims.get("qengine", [None, None])[1], "columns", None)
-        extra = f"   (qengine reads {len(spread)} input columns: overflowing pairs spread)" if spread is not None else ""
+        cols = getattr(ims.get("qengine", [None, None])[1], "columns", None)
+        extra = "" if cols is None else f"   (qengine: input columns re-paired against int16 overflow, {len(cols)} read)"
         print(f"  {k:>4} -> {n:<4}  {_ratios(t, 1e3, '7.2f')}   weights {weight_bytes(net) / 2**20:.2f} -> "
               f"{weight_bytes(next(iter(ims.values()))) / 2**20 if ims else 0:.2f} MiB{extra}")
 

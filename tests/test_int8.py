@@ -347,3 +347,31 @@ def test_every_layer_of_a_trained_model_matches_the_simulation(trained, kernel):
             n_diff += int((steps > 0.5).sum())
             n_all += steps.numel()
     assert n_diff <= 0.01 * n_all
+
+
+@pytest.mark.parametrize("act_bits", [8, 6])
+def test_fast_act_quantizer_is_bit_identical(act_bits):
+    """The activation quantizers of the float parts run in four passes instead of six: the same bits, including
+    exact ties, values next to them, values outside the range, and huge ones."""
+    g = torch.Generator().manual_seed(act_bits)
+    q = Q.ActQuantizer(Q.RunningMinMax(), bits=act_bits, name="t")
+    q(torch.randn(1000, generator=g) * 3 + 1)
+    q.freeze()
+    fast = int8.FastActQuantizer(q)
+    s, z = q.scale.item(), int(q.zero_point)
+    k = torch.arange(-300, 300, dtype=torch.float32)
+    x = torch.cat([torch.randn(20000, generator=g) * 10, (k + 0.5) * s, torch.nextafter((k + 0.5) * s, k * 1e9),
+                   torch.tensor([1e30, -1e30, 0.0, -0.0])])
+    assert torch.equal(fast(x), q(x)) and int8._same_as(fast, q)
+    assert fast(torch.tensor([1, 2])).dtype == torch.int64  # token ids pass through the original
+
+
+def test_to_int8_swaps_the_activation_quantizers_of_the_float_parts():
+    net = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 8), nn.Identity(), nn.ReLU(), nn.Identity())
+    xs = [torch.randn(2, 3, 16) for _ in range(2)]
+    qm = _calibrated(net, xs)
+    n_act = sum(isinstance(m, Q.ActQuantizer) for m in qm.modules())
+    im, report = int8.to_int8(qm, xs[0])
+    assert report["fast_act_quantizers"] == n_act == sum(isinstance(m, int8.FastActQuantizer) for m in im.modules())
+    x = torch.randn(2, 3, 16)
+    assert torch.equal(im[0](x), qm[0](x)) and torch.equal(im[4](x), qm[4](x))
