@@ -681,12 +681,15 @@ def noop_head(scores: dict, attn_mode: str) -> dict:
 
 
 def variant_panel_data(model, task: Task, layer: int, kind: str = "ffn_out", seq_index: int = 0,
-                       max_batches: int = 20, batch_size: int = 32, unmask: bool = True) -> dict:
+                       max_batches: int = 20, batch_size: int = 32, unmask: bool = True,
+                       outliers: dict | None = None) -> dict:
     """Figures 2 / 3 in one picture per attention variant: where block `layer`'s `kind` outliers sit (per hidden
     dimension and per token type: outlier_counts_data), every head's "no-op" score (head_scores), and the
     attention map, on validation sequence `seq_index`, of the head the variant picks to do nothing (noop_head:
-    softmax the most mass on a delimiter, clipped softmax the most exact zeros, gated the most closed gate)."""
-    outliers = outlier_counts_data(model, task, layer, kind, max_batches, batch_size, unmask=unmask)
+    softmax the most mass on a delimiter, clipped softmax the most exact zeros, gated the most closed gate).
+    outliers: outlier_counts_data's result for the same layer and kind, if already computed (Figure 1's)."""
+    if outliers is None:
+        outliers = outlier_counts_data(model, task, layer, kind, max_batches, batch_size, unmask=unmask)
     scores = head_scores(model, task, max_batches, batch_size, unmask)
     pick = noop_head(scores, model.cfg.attn_mode)
     attention = attention_pattern_data(model, task, pick["layer"], pick["head"], seq_index, unmask)
@@ -1180,6 +1183,8 @@ def _masked_suffix(r: Run, unmask: bool) -> str:
 # File names carry the layer, head and sequence; `all` (stable=True) leaves them out (the titles and the JSON still
 # say them) so that a README can link its figures whatever layer and head it picked.
 def cmd_outliers(runs: list[Run], w: Writer, layer, kind, batches, batch_size, n_std, unmask=True, stable=False):
+    """Figure 1 for every run; returns {run name: its data}."""
+    out = {}
     for r in runs:
         nb, bs = batches or r.eval_batches, batch_size or r.eval_batch_size
         L = layer if layer is not None else loudest_layer_and_head(r.model, r.task, kind, nb, bs)[0]
@@ -1187,6 +1192,8 @@ def cmd_outliers(runs: list[Run], w: Writer, layer, kind, batches, batch_size, n
         d["run"], d["source"] = r.name, r.source
         where = "" if stable else f"_layer{L}"
         w.figure(f"fig1_outliers_{r.name}{where}_{kind}{_masked_suffix(r, unmask)}", d, plot_outlier_counts)
+        out[r.name] = d
+    return out
 
 
 def _pick(runs, layer, head, kind, batches):
@@ -1270,14 +1277,15 @@ def _parse_source(r: Run) -> dict | None:
     return run_source(r.path)
 
 
-def cmd_panels(runs: list[Run], w: Writer, layer, kind, seq, unmask, batches, stable=False):
+def cmd_panels(runs: list[Run], w: Writer, layer, kind, seq, unmask, batches, stable=False, outliers=None):
     """Figures 2 / 3 style panels, one figure per run: outliers of `kind` in `layer` (default: the run's loudest
     layer) per hidden dimension and per token type, and the attention map of the head the variant uses to do
-    nothing."""
+    nothing. outliers: {run name: Figure 1's data} of the same layer and kind, reused instead of recomputed."""
     for r in runs:
         nb = batches or r.eval_batches
         L = layer if layer is not None else loudest_layer_and_head(r.model, r.task, kind, nb, r.eval_batch_size)[0]
-        d = variant_panel_data(r.model, r.task, L, kind, seq, nb, r.eval_batch_size, unmask)
+        d = variant_panel_data(r.model, r.task, L, kind, seq, nb, r.eval_batch_size, unmask,
+                               (outliers or {}).get(r.name))
         d["run"], d["source"] = r.name, r.source
         where = "" if stable else f"_layer{L}_seq{seq}"
         w.figure(f"panels_{r.name}{where}{_masked_suffix(r, unmask)}", d, plot_variant_panel)
@@ -1385,8 +1393,8 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
         vit = runs[0].cfg.arch == "vit"
         kind = "ffn_residual_sum" if vit else "ffn_out"
         layer, head = _pick(runs, layer, head, kind, batches)
-        cmd_outliers(runs, w, layer, kind, batches, 0, N_STD, unmask, stable=True)
-        cmd_panels(runs, w, layer, kind, seq if not vit else image, unmask, batches, stable=True)
+        fig1 = cmd_outliers(runs, w, layer, kind, batches, 0, N_STD, unmask, stable=True)
+        cmd_panels(runs, w, layer, kind, seq if not vit else image, unmask, batches, stable=True, outliers=fig1)
         if vit:
             cmd_vit(runs, w, layer, None, head, image, kind, batches, stable=True)
         else:
