@@ -607,3 +607,38 @@ def model_from_checkpoint(ck: dict):
 def gate_param_count(model: nn.Module) -> int:
     """Parameters that gated attention adds (all gates of all layers)."""
     return sum(p.numel() for n, p in model.named_parameters() if ".gate." in n)
+
+
+@torch.no_grad()
+def convert_pretrained(model: nn.Module, state_dict: dict) -> list[str]:
+    """Start `model` (e.g. gated or clipped) from the weights of a pretrained model of the same shape trained with
+    plain softmax, as close to the original function as the new attention allows (not in the paper, which trains
+    from scratch). Returns the names of the parameters the original did not have.
+
+    Every tensor of `state_dict` must fit a parameter or buffer of `model` (same name, same shape) and every
+    parameter of `model` must come from it, except the gates' (attn.gate.*). Gated attention starts EXACTLY at
+    the original function: each new gate's (output) weight is zero, so pi = sigmoid(bias) = pi_init for every token,
+    and each layer's output projection is divided by pi_init, so o_proj(pi_init * context) equals the original
+    o_proj(context) (the authors' fine-tuning switch rescales the gated output by 1 / pi_init for the same
+    reason; here the rescale is folded into the weights, so the module is the ordinary gated attention). Clipped
+    softmax has no such fold: it starts at a different function (the smaller alpha, the closer)."""
+    own = model.state_dict()
+    unknown = [k for k in state_dict if k not in own]
+    if unknown:
+        raise ValueError(f"the pretrained weights have tensors the model has not: {unknown[:4]}")
+    for k, v in state_dict.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{k}: shape {tuple(v.shape)} in the pretrained weights, {tuple(own[k].shape)} in the "
+                             f"model")
+    new = [k for k in own if k not in state_dict]
+    not_gate = [k for k in new if ".attn.gate." not in k]
+    if not_gate:
+        raise ValueError(f"the pretrained weights lack {not_gate[:4]}: only the gates of gated attention may be new")
+    model.load_state_dict({**own, **state_dict})
+    for block in model.blocks:
+        attn = block.attn
+        if attn.gate is not None:
+            attn.init_gate()  # an MLP gate keeps its random first layer, so its output weight gets a gradient
+            attn.gate.weight.zero_()  # the gate's (output) weight: pi = sigmoid(bias) = pi_init for every token
+            attn.o_proj.weight.div_(attn.gate_init)
+    return new

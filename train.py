@@ -38,8 +38,9 @@ import data as D
 from attention import SelfAttention
 from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfinite_tensors, pick_device,
                         remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
-from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, get_config
-from metrics import evaluate, n_targets, to_device
+from model import (CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config,
+                   model_from_checkpoint)
+from metrics import EmbeddingAgreement, QuantNoise, evaluate, n_targets, to_device
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -80,6 +81,11 @@ class TrainConfig:
     ckpt_interval: int = 1000
     out: str = "runs/default"
     compile: bool = False
+    init_from: str = ""             # not in the paper: start from this run's / imported checkpoint's weights (its
+                                    #   model config, changed by the model flags given, e.g. --attn-mode gated;
+                                    #   model.convert_pretrained: gates start at the original function)
+    distill_from: str = ""          # not in the paper: train to match this checkpoint's final hidden states
+                                    #   (relative squared error, distill_loss) instead of the task's loss
 
 
 _BERT = TrainConfig()  # C.1: batch 256, 1M steps, AdamW lr 1e-4, 10k warm-up, linear decay, wd 0.01, clip 1.0
@@ -281,6 +287,12 @@ HELP = {
     "eval_batch_size": "validation batch size (0: training batch size)", "log_interval": "log every N steps",
     "ckpt_interval": "checkpoint every N steps", "out": "run folder (checkpoint, log.jsonl, vocab.txt)",
     "compile": "torch.compile the model",
+    "init_from": "not in the paper: start from the weights of this run folder or checkpoint (e.g. a pretrained "
+                 "model imported with hf_checkpoint.py); its model config, changed by any model flag given "
+                 "(--attn-mode gated converts it: the gates start at the original function)",
+    "distill_from": "not in the paper: train to reproduce this checkpoint's final hidden states (relative squared "
+                    "error) instead of the task loss; with --init-from the same run: continued training that keeps "
+                    "the original function",
 }
 
 
@@ -375,6 +387,22 @@ def resolve_configs(args):
                                  f"attn_mode={attn_mode!r}: add --attn-mode {mode}")
         cfg = get_config(args.preset, **model_over)
         tc = replace(RECIPES[args.preset], **train_over)
+    if tc.init_from and ck is None:  # the model config is the pretrained one, changed by the model flags given
+        base = load_checkpoint(tc.init_from)
+        try:
+            cfg = replace(config_from_dict(base["config"]), **model_over)
+        except TypeError as e:
+            raise ValueError(f"--init-from {tc.init_from}: {e}") from None
+        init_dir = run_folder(tc.init_from)
+        if cfg.arch != "vit" and not tc.vocab_file:  # its tokenizer, and how it cut its sequences
+            tc = replace(tc, vocab_file=os.path.join(init_dir, "vocab.txt"))
+        if "seq_format" not in train_over and base.get("train_config", {}).get("seq_format"):
+            tc = replace(tc, seq_format=base["train_config"]["seq_format"])
+    if tc.distill_from and not os.path.exists(tc.distill_from):
+        raise ValueError(f"--distill-from {tc.distill_from}: no such run folder or checkpoint")
+    if not tc.distill_from and not cfg.head:
+        raise ValueError("this model has no head (an imported encoder): it can only be trained by distillation, "
+                         "--distill-from RUN")
     # stored in the checkpoint: absolute, so that eval_ptq.py finds the data from any working directory
     tc = replace(tc, data=D.absolute_source(tc.data))
     validate_train_config(tc)
@@ -397,6 +425,67 @@ def resolve_configs(args):
     if not cfg.init_std <= 1:
         raise ValueError(f"init_std={cfg.init_std!r} is invalid: must be in (0, 1] (the paper: 0.02)")
     return cfg, tc, ck
+
+
+def run_folder(path: str) -> str:
+    """The run folder of a run folder or of a checkpoint file inside one."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Not in the paper: the relative squared error of the student's final hidden states (B, T, d) against the
+    teacher's, sum ||s - t||^2 / sum ||t||^2 over the valid positions (mask (B, T)): 0 when equal, 1 when the
+    student outputs zeros; 10^(-SQNR / 10) of metrics.sqnr_db."""
+    w = mask[..., None].to(student.dtype) if mask is not None else torch.ones_like(student[..., :1])
+    return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
+
+
+def feature_inputs(batch: dict, arch: str) -> dict:
+    """A batch as an encoder takes it for distillation: BERT's original tokens (no [MASK]), no labels."""
+    b = D.unmask(batch) if arch == "bert" else batch
+    return {k: v for k, v in b.items() if k != "labels"}
+
+
+def features_forward(model, batch, record):
+    """evaluate()'s forward for a model without a head: the hidden states (and the recorded activations for the
+    outlier metrics), no loss."""
+    model.forward_features(**feature_inputs(batch, model.cfg.arch), record=record)
+    return None, None
+
+
+@torch.no_grad()
+def fidelity(model, teacher, task, batch_size: int, max_batches: int, device) -> dict:
+    """How close `model` stays to `teacher` on the validation set: SQNR (dB) of its final hidden states against
+    the teacher's, the mean-pooled embedding cosine and the nearest-neighbour agreement (metrics)."""
+    was = model.training
+    model.eval()
+    noise, emb = QuantNoise(), EmbeddingAgreement()
+    for b in task.iter_valid(batch_size, max_batches):
+        x = to_device(feature_inputs(b, task.arch), device)
+        h, t = model.forward_features(**x), teacher.forward_features(**x)
+        noise.update({"h": t}, {"h": h}, x.get("attention_mask"))
+        emb.update(t, h, x.get("attention_mask"))
+    model.train(was)
+    e = emb.summary()
+    return {"fidelity_sqnr_db": noise.summary()["h"]["sqnr_db"], "fidelity_cosine": e["cosine_mean"],
+            "fidelity_neighbours": e["neighbour_agreement"]}
+
+
+def load_teacher(path: str, cfg, tokenizer, device):
+    """The frozen model of a checkpoint, checked to read the same inputs as the model being trained."""
+    tck = load_checkpoint(path)
+    teacher, tcfg = model_from_checkpoint(tck)
+    same = ("arch", "d_model", "vocab_size")
+    if any(getattr(tcfg, k) != getattr(cfg, k) for k in same) or tcfg.seq_len < cfg.seq_len:
+        raise ValueError(f"--distill-from {path}: the teacher ({', '.join(f'{k} {getattr(tcfg, k)}' for k in same)}, "
+                         f"T {tcfg.seq_len}) does not read the inputs of this model "
+                         f"({', '.join(f'{k} {getattr(cfg, k)}' for k in same)}, T {cfg.seq_len})")
+    if tokenizer is not None and tck.get("vocab") is not None and list(tck["vocab"]) != list(tokenizer.vocab):
+        raise ValueError(f"--distill-from {path}: the teacher's vocabulary differs from this run's tokenizer: pass "
+                         f"--vocab-file {os.path.join(run_folder(path), 'vocab.txt')}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -485,8 +574,23 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if master and task.tokenizer is not None and not vocab_path:  # a new run: overwrite a stale vocab.txt
         task.tokenizer.save(os.path.join(out, "vocab.txt"))
+        if isinstance(task.tokenizer, D.WordPieceTokenizer):  # its casing, as a Hugging Face folder keeps it
+            with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+                json.dump({"do_lower_case": task.tokenizer.lowercase}, f)
 
     model = build_model(cfg).to(device)
+    teacher = None
+    try:
+        if tc.init_from and ck is None:
+            new = convert_pretrained(model, load_checkpoint(tc.init_from)["model"])
+            if master:
+                print(f"initialised from {tc.init_from}; new parameters: {', '.join(new) or 'none'}")
+        if tc.distill_from:
+            if ddp:
+                raise ValueError("--distill-from runs in one process (no torchrun)")
+            teacher = load_teacher(tc.distill_from, cfg, task.tokenizer, device)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     # Room for the checkpoints: the new file is written beside the newest and the previous one.
     ckpt_bytes = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
     n_files = sum(os.path.exists(p) for p in (ckpt_path, os.path.join(out, "ckpt.prev.pt")))
@@ -581,7 +685,13 @@ def main(argv=None):
         for i, b in enumerate(batches):
             sync = (not ddp) or i == len(batches) - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), amp:
-                _, loss = fwd_model(**b)
+                if teacher is not None:  # distillation: match the teacher's final hidden states
+                    x = feature_inputs(b, cfg.arch)
+                    with torch.no_grad():
+                        target = teacher.forward_features(**x)
+                    loss = distill_loss(raw_model.forward_features(**x), target, x.get("attention_mask"))
+                else:
+                    _, loss = fwd_model(**b)
             w = counts[i] / total * world
             scaler.scale(loss * w).backward()
             step_loss += loss.detach() * counts[i] / total
@@ -598,7 +708,7 @@ def main(argv=None):
                  f"--dtype fp32", step + 1, what)
         if first_loss is None:
             first_loss = step_loss.item()
-        elif step_loss.item() > EXPLODE_FACTOR * max(first_loss, 1e-3):
+        elif step_loss.item() > EXPLODE_FACTOR * max(first_loss, 0.25 if teacher is not None else 1e-3):
             stop(f"the loss exploded to {step_loss.item():.4g} at step {step + 1}, more than {EXPLODE_FACTOR:g} "
                  f"times the first step's {first_loss:.4g}. Lower --lr (now {tc.lr:g}) or raise --warmup-steps",
                  step + 1, "loss")
@@ -617,10 +727,14 @@ def main(argv=None):
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
         if done % tc.eval_interval == 0 or done == tc.steps:
             if master:
-                last_eval = evaluate(raw_model, task, ebs, tc.eval_batches, device)
+                last_eval = evaluate(raw_model, task, ebs, tc.eval_batches, device,
+                                     forward=None if cfg.head else features_forward)
+                if teacher is not None:
+                    last_eval.update(fidelity(raw_model, teacher, task, ebs, tc.eval_batches, device))
                 log({"step": done, **last_eval})
                 summary = ", ".join(f"{k}={v:.3g}" for k, v in last_eval.items()
-                                    if k in ("val_ppl", "val_acc", "max_inf_norm/ffn_out", "kurtosis/ffn_out"))
+                                    if k in ("val_ppl", "val_acc", "max_inf_norm/ffn_out", "kurtosis/ffn_out",
+                                             "fidelity_cosine"))
                 tqdm.write(f"step {done}: {summary}")
             if ddp:
                 dist.barrier()

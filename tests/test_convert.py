@@ -1,0 +1,99 @@
+"""Converting a pretrained softmax model to gated attention / clipped softmax and training it on by distillation
+(model.convert_pretrained, train.py --init-from / --distill-from), on a tiny BERT encoder in the Hugging Face
+layout. Not in the paper, which trains from scratch."""
+
+import json
+
+import pytest
+import torch
+
+import hf_checkpoint as H
+import train
+from checkpoint import load_checkpoint
+from model import build_model, config_from_dict, convert_pretrained, model_from_checkpoint
+from test_hf_checkpoint import BERT_VOCAB, bert_hf, write_hf
+
+
+@pytest.fixture
+def encoder_run(tmp_path, corpus, monkeypatch):
+    """An imported BERT encoder (no head) as a run folder, its data the toy corpus."""
+    monkeypatch.setattr(train.D, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    cfg, sd = bert_hf(extras=False)
+    sd = {k: v for k, v in sd.items() if not k.startswith("cls.")}
+    files = {"vocab.txt": "\n".join(BERT_VOCAB) + "\n", "tokenizer_config.json": json.dumps({"do_lower_case": True})}
+    hf = write_hf(tmp_path / "hf", {**cfg, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}, sd,
+                  files=files)
+    run = tmp_path / "run"
+    H.main(["import", str(hf), str(run), "--data", str(corpus), "--max-seq-len", "16"])
+    return run
+
+
+def _features(model, ids):
+    return model.eval().forward_features(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("gate_type", ["linear", "mlp", "all_heads_linear"])
+def test_gated_conversion_starts_at_the_original_function(encoder_run, gate_type):
+    ck = load_checkpoint(str(encoder_run))
+    original, cfg = model_from_checkpoint(ck)
+    gated = build_model(config_from_dict({**ck["config"], "attn_mode": "gated", "gate_type": gate_type,
+                                          "gate_init": 0.25}))
+    new = convert_pretrained(gated, ck["model"])
+    assert new and all(".attn.gate." in n for n in new)
+    assert set(new) == {n for n, _ in gated.named_parameters() if ".attn.gate." in n}
+    ids = torch.randint(6, len(BERT_VOCAB), (3, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_features(gated, ids), _features(original, ids), rtol=1e-5, atol=1e-5)
+    rec = {}
+    gated.forward_features(input_ids=ids, record=rec)
+    assert torch.allclose(rec["blocks.0.gate_probs"], torch.full_like(rec["blocks.0.gate_probs"], 0.25))
+    # clipped softmax cannot be folded: it starts near, not at, the original
+    clipped = build_model(config_from_dict({**ck["config"], "attn_mode": "clipped", "clip_alpha": 0.5}))
+    assert convert_pretrained(clipped, ck["model"]) == []
+    diff = (_features(clipped, ids) - _features(original, ids)).norm() / _features(original, ids).norm()
+    assert 0 < diff < 0.5
+
+
+def test_conversion_refuses_weights_that_do_not_fit(encoder_run):
+    ck = load_checkpoint(str(encoder_run))
+    model = build_model(config_from_dict(ck["config"]))
+    sd = dict(ck["model"])
+    with pytest.raises(ValueError, match="shape"):
+        convert_pretrained(model, {**sd, "blocks.0.fc1.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="has not"):
+        convert_pretrained(model, {**sd, "extra.weight": torch.zeros(1)})
+    sd.pop("blocks.0.fc1.bias")
+    with pytest.raises(ValueError, match="only the gates"):
+        convert_pretrained(model, sd)
+
+
+def test_distillation_end_to_end(encoder_run, tmp_path):
+    common = ["--init-from", str(encoder_run), "--distill-from", str(encoder_run), "--steps", "4", "--batch-size",
+              "4", "--lr", "1e-3", "--warmup-steps", "0", "--eval-interval", "2", "--eval-batches", "2",
+              "--eval-batch-size", "4", "--ckpt-interval", "2", "--log-interval", "1", "--quiet", "--dropout", "0",
+              "--attn-dropout", "0"]
+    out = tmp_path / "gated"
+    train.main([*common, "--attn-mode", "gated", "--out", str(out)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[0] < 1e-9  # the converted model starts at the teacher's function: nothing to distill
+    evals = [r for r in log if "fidelity_cosine" in r]
+    assert len(evals) == 2 and evals[-1]["fidelity_cosine"] > 0.999 and "max_inf_norm/ffn_out" in evals[-1]
+    ck = load_checkpoint(str(out))
+    assert ck["config"]["attn_mode"] == "gated" and ck["train_config"]["distill_from"] == str(encoder_run)
+    assert (out / "vocab.txt").read_text() == (encoder_run / "vocab.txt").read_text()
+    # a pressure (weight decay on everything, LayerNorm gammas included: appendix B.3) moves it off the teacher
+    out2 = tmp_path / "pressed"
+    train.main([*common, "--weight-decay", "50", "--wd-ln-gamma", "true", "--out", str(out2)])
+    log2 = [json.loads(line) for line in (out2 / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log2 if "loss" in r][-1] > 1e-6
+
+
+def test_distillation_refusals(encoder_run, tmp_path):
+    with pytest.raises(SystemExit, match="only be trained by distillation"):
+        train.main(["--init-from", str(encoder_run), "--out", str(tmp_path / "a"), "--steps", "1"])
+    with pytest.raises(SystemExit, match="no such run folder"):
+        train.main(["--init-from", str(encoder_run), "--distill-from", str(tmp_path / "missing"), "--out",
+                    str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="do not apply|unexpected keyword"):
+        train.main(["--init-from", str(encoder_run), "--distill-from", str(encoder_run), "--image-size", "32",
+                    "--out", str(tmp_path / "c")])
