@@ -59,6 +59,7 @@ class TrainConfig:
     schedule: str = "linear"        # "linear" (warm-up then linear decay to min_lr) | "cosine" | "constant"
     weight_decay: float = 0.01
     wd_ln_gamma: bool = False       # appendix B.3: also decay LayerNorm weights (gamma)
+    ln_weight_decay: float = -1.0   # with wd_ln_gamma: the LayerNorm gammas' own decay (-1: weight_decay's)
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
@@ -140,6 +141,8 @@ def validate_train_config(tc: TrainConfig) -> None:
     if not 0 <= tc.weight_decay * tc.lr < 1:
         bad("weight_decay", f"must be >= 0 with lr * weight_decay < 1 (AdamW multiplies each weight by "
                             f"1 - lr * weight_decay; lr={tc.lr})")
+    if not (tc.ln_weight_decay == -1 or 0 <= tc.ln_weight_decay * tc.lr < 1):
+        bad("ln_weight_decay", f"must be -1 (weight_decay's) or >= 0 with lr * ln_weight_decay < 1 (lr={tc.lr})")
     if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
         bad("beta1", f"beta1 and beta2 must be in [0, 1) (beta2={tc.beta2})")
     if tc.grad_clip < 0:
@@ -233,16 +236,19 @@ def set_gamma_scale(model: torch.nn.Module, scale: float) -> None:
 def param_groups(model, tc: TrainConfig):
     """Weight decay on weight matrices (and the gate's weights); none on biases, LayerNorm, positions and the
     CLS token unless --wd-ln-gamma, which decays LayerNorm weights too (appendix B.3)."""
-    decay, no_decay = [], []
+    decay, no_decay, gammas = [], [], []
     ln_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
     for n, p in model.named_parameters():
         if id(p) in ln_weights:
-            (decay if tc.wd_ln_gamma else no_decay).append(p)
+            (gammas if tc.wd_ln_gamma else no_decay).append(p)
         elif p.dim() >= 2 and n not in ("pos_embed", "cls_token"):
             decay.append(p)
         else:
             no_decay.append(p)
-    return [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    ln_wd = tc.weight_decay if tc.ln_weight_decay < 0 else tc.ln_weight_decay
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": gammas, "weight_decay": ln_wd},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"] or g is not groups[1]]  # no empty gamma group: old runs resume
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -270,6 +276,7 @@ HELP = {
     "grad_accum": "micro-batches per step", "lr": "peak learning rate", "min_lr": "final learning rate",
     "warmup_steps": "linear warm-up steps", "schedule": "linear | cosine | constant after warm-up",
     "weight_decay": "AdamW weight decay", "wd_ln_gamma": "also decay LayerNorm weights (appendix B.3)",
+    "ln_weight_decay": "with --wd-ln-gamma: the LayerNorm weights' own weight decay (-1: --weight-decay's)",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
     "clip_warmup_steps": "clipped softmax (not in the paper): gamma grows linearly from 0 to its value over N steps",
     "short_seq_len": "text, not in the paper: train the first --short-seq-steps steps on sequences of this length "

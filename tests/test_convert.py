@@ -97,3 +97,27 @@ def test_distillation_refusals(encoder_run, tmp_path):
     with pytest.raises(SystemExit, match="do not apply|unexpected keyword"):
         train.main(["--init-from", str(encoder_run), "--distill-from", str(encoder_run), "--image-size", "32",
                     "--out", str(tmp_path / "c")])
+
+
+def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import convert_study
+    monkeypatch.setenv("QT_DATA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "convert"
+    res = convert_study.main(["--run", str(encoder_run), "--out", str(out), "--runs", "gated:ln-wd",
+                              "--steps", "4", "--segment", "2", "--eval-interval", "2", "--batch-size", "4",
+                              "--eval-batches", "1", "--eval-batch-size", "8", "--calib-batches", "1",
+                              "--ptq-seeds", "0", "--ln-weight-decay", "50", "--lr", "1e-3"])
+    (gated,) = res["runs"]
+    assert [p["step"] for p in gated["points"]] == [2, 4] and "per_tensor" in gated["points"][-1]
+    assert [c["step"] for c in gated["curve"]] == [2, 4]  # the second segment resumed the first
+    assert gated["losses"][0][1] < gated["losses"][-1][1]  # the pressure moves the model off the teacher
+    assert 0 < gated["curve"][-1]["fidelity_cosine"] < 1
+    assert set(gated["checks"]) >= {"ffn_cut", "ffn_cut_ok", "w8a8_cosine_ok", "fidelity_ok"}
+    text = (out / "report.md").read_text()
+    assert "| original | 0 |" in text and "| gated:ln-wd | 4 |" in text and "targets met" in text
+    assert (out / "figures" / "curves.json").is_file()
+    with pytest.raises(SystemExit, match="attention:pressure"):
+        convert_study.main(["--run", str(encoder_run), "--runs", "gated"])

@@ -134,12 +134,16 @@ def test_lr_schedule_and_weight_decay_groups():
                                max_seq_len=16))
     ln = {id(mod.weight) for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm)}
     for flag in (False, True):
-        decay, no_decay = train.param_groups(m, train.TrainConfig(wd_ln_gamma=flag, weight_decay=0.1))
-        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-        decayed = {id(p) for p in decay["params"]}
+        groups = train.param_groups(m, train.TrainConfig(wd_ln_gamma=flag, weight_decay=0.1))
+        decay, gammas, no_decay = groups if flag else (groups[0], {"params": [], "weight_decay": 0.1}, groups[1])
+        assert decay["weight_decay"] == gammas["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        decayed = {id(p) for p in decay["params"] + gammas["params"]}
         assert (ln <= decayed) if flag else not (ln & decayed)
-        assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
-        assert all(p.dim() >= 2 or id(p) in ln for p in decay["params"])  # never a bias
+        assert {id(p) for p in gammas["params"]} == (ln if flag else set())
+        assert len(decay["params"]) + len(gammas["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+        assert all(p.dim() >= 2 for p in decay["params"])  # never a bias
+    _, gammas, _ = train.param_groups(m, train.TrainConfig(wd_ln_gamma=True, weight_decay=0.1, ln_weight_decay=5.0))
+    assert gammas["weight_decay"] == 5.0
 
 
 # ----------------------------------------------------------------------------------------------- 2. exact resume
