@@ -940,8 +940,9 @@ def plot_headline(data: dict, path: str) -> None:
         ax[0].set_xticks(range(len(rows)))
         ax[0].set_xticklabels(labels, fontsize=8)
     ax[0].set_ylabel(f"{data['kind']} inf-norm")
-    ax[0].set_title(f"(a) {data['kind']} inf-norm per layer", fontsize=10)
-    ax[0].legend(fontsize=8, loc="upper left")
+    ax[0].set_title(f"(a) {data['kind']} inf-norm per layer\n(the largest: the table's FFN-out inf. norm)"
+                    if data["kind"] == "ffn_out" else f"(a) {data['kind']} inf-norm per layer", fontsize=10)
+    ax[0].legend(fontsize=8, loc="upper right")
     # (b) the PTQ gaps: bars = mean; error bars = std over calibration seeds (one training seed) or over the
     # training seeds' means (several); dots = every (training seed, calibration seed)
     bw = 0.8 / max(len(bits), 1)
@@ -967,7 +968,8 @@ def plot_headline(data: dict, path: str) -> None:
     ax[1].set_ylabel("gap to FP perplexity (%)" if m == "ppl" else "accuracy difference to FP (points)")
     spread = (f"error bars: std over {n_seeds} training seeds" if n_seeds > 1 else
               f"error bars: std over {data['n_calibration_seeds']} calibration seeds")
-    ax[1].set_title(f"(b) PTQ gap ({', '.join(bits)})\n{spread}; dots: every run", fontsize=10)
+    dots = "every training x calibration seed" if n_seeds > 1 else "every calibration seed"
+    ax[1].set_title(f"(b) PTQ gap ({', '.join(bits)})\n{spread}; dots: {dots}", fontsize=10)
     ax[1].legend(fontsize=8, loc="upper right")
     ymax = ax[1].get_ylim()[1]
     ax[1].set_ylim(top=ymax * 1.12 if ymax > 0 else ymax)
