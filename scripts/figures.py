@@ -6,6 +6,8 @@ r"""The paper's figures, drawn from this project's own checkpoints, training log
     python scripts/figures.py sweep runs/repro-bert-alpha/results.json                             # Figure 6
     python scripts/figures.py sweep runs/repro-bert-pi_init/results.json                           # Figure 7
     python scripts/figures.py growth runs/repro-bert/*/ --kind ffn_out                             # outliers vs step
+    python scripts/figures.py panels runs/repro-bert/{vanilla,clipped,gated_linear}                # Figures 2 / 3 style
+    python scripts/figures.py headline runs/repro-bert                  # per variant: outliers, PTQ gap, FP quality
     python scripts/figures.py all runs/repro-bert                  # every figure a reproduction folder allows
 
 Bondarenko, Nagel, Blankevoort, "Quantizable Transformers" (NeurIPS 2023):
@@ -21,6 +23,11 @@ Bondarenko, Nagel, Blankevoort, "Quantizable Transformers" (NeurIPS 2023):
     Figure 6   clipped softmax: FP perplexity (or accuracy) and max inf-norm against alpha (gamma = -alpha / T)
     Figure 7   gated attention: the same against pi_init
     growth     max inf-norm and kurtosis of one tensor kind against training step, one line per run
+    panels     Figures 2 / 3 in one picture per attention variant: outliers per hidden dimension and per token
+               type, and the attention map of the head the variant uses to do nothing (softmax: the most mass on
+               a delimiter; clipped softmax: the most exact zeros; gated: the most closed gate)
+    headline   per attention variant: the FFN-output inf-norm per layer, the PTQ gaps with their spread over
+               calibration (or training) seeds, and the FP metric; titled with data, model and seeds
 
 Layers, heads, dimensions and positions are 0-based everywhere here and the titles say so (the paper numbers
 layers and heads from 1 and dimensions from 0). The data functions (`outlier_counts_data`,
@@ -959,7 +966,8 @@ def plot_headline(data: dict, path: str) -> None:
             ax[1].bar(x, mu, bw * 0.9, color=c, alpha=0.55 + 0.45 * (j == len(bits) - 1), hatch=hatches[j % 4],
                       edgecolor="black", linewidth=0.5, yerr=sd, capsize=3, label=b if k == 0 else None)
             pts = [v for g in per_seed for v in g]
-            ax[1].plot([x] * len(pts), pts, ".", color="black", ms=3)
+            each = "each training x calibration seed" if n_seeds > 1 else "each calibration seed"
+            ax[1].plot([x] * len(pts), pts, ".", color="black", ms=3, label=each if k == j == 0 else None)
             ax[1].annotate(f"{mu:+.1f}" + ("%" if m == "ppl" else ""), (x, max(mu + sd, max(pts))),
                            textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7.5)
     ax[1].axhline(0, color="black", lw=0.6)
@@ -968,8 +976,7 @@ def plot_headline(data: dict, path: str) -> None:
     ax[1].set_ylabel("gap to FP perplexity (%)" if m == "ppl" else "accuracy difference to FP (points)")
     spread = (f"error bars: std over {n_seeds} training seeds" if n_seeds > 1 else
               f"error bars: std over {data['n_calibration_seeds']} calibration seeds")
-    dots = "every training x calibration seed" if n_seeds > 1 else "every calibration seed"
-    ax[1].set_title(f"(b) PTQ gap ({', '.join(bits)})\n{spread}; dots: {dots}", fontsize=10)
+    ax[1].set_title(f"(b) PTQ gap ({', '.join(bits)})\n{spread}", fontsize=10)
     ax[1].legend(fontsize=8, loc="upper right")
     ymax = ax[1].get_ylim()[1]
     ax[1].set_ylim(top=ymax * 1.12 if ymax > 0 else ymax)
@@ -1406,7 +1413,8 @@ def make_all(folder: str, out: str = "", device: str = "cpu", layer=None, head=N
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{outliers,attention,vit,sweep,growth,all}")
+    sub = ap.add_subparsers(dest="cmd", required=True,
+                            metavar="{outliers,attention,vit,panels,sweep,growth,headline,all}")
 
     def common(p, model=True):
         p.add_argument("--out", default="", help="output folder (default: <input>/figures; for several inputs, "
@@ -1453,6 +1461,22 @@ def build_parser():
                    help="tensor whose outliers are mapped (default: the block's output in a pre-LN ViT)")
     common(p)
 
+    p = sub.add_parser("panels", help="Figures 2 / 3 style, one figure per run: outliers per hidden dimension and "
+                                      "per token type, and the attention map of the head the variant uses to do "
+                                      "nothing (most delimiter mass / exact zeros / closed gate)")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--layer", type=int, default=None, help="layer of the outlier panels, 0-based (default: each "
+                                                           "run's loudest)")
+    p.add_argument("--kind", default="ffn_out", choices=KINDS, help="recorded tensor")
+    p.add_argument("--seq", type=int, default=0, help="validation sequence (ViT: image) of the attention map")
+    p.add_argument("--masked", action="store_true", help="BERT: keep the validation batches' MLM [MASK] tokens")
+    common(p)
+
+    p = sub.add_parser("headline", help="per attention variant: inf-norm per layer, PTQ gaps, FP metric")
+    p.add_argument("folder", help="reproduce.py output folder (results.json, or seed-<S>/results.json)")
+    p.add_argument("--kind", default="ffn_out", choices=KINDS, help="recorded tensor of panel (a)")
+    common(p, model=False)
+
     p = sub.add_parser("sweep", help="Figures 6 / 7: FP metric and max inf-norm against alpha or pi_init")
     p.add_argument("results", nargs="+", help="results.json of reproduce.py --sweep (or its folder)")
     p.add_argument("--param", choices=["alpha", "pi_init"], default=None,
@@ -1491,6 +1515,13 @@ def _main(args):
                      args.data, args.quiet, not args.masked)
         w.finish()
         return w
+    if args.cmd == "headline":
+        if not os.path.isdir(args.folder):
+            raise FileNotFoundError(f"{args.folder!r} does not exist")
+        w = Writer(args.out or os.path.join(args.folder, "figures"), args.quiet)
+        cmd_headline(args.folder, w, args.kind)
+        w.finish()
+        return w
     paths = args.results if args.cmd == "sweep" else args.runs
     for p in paths:
         if not os.path.exists(p):
@@ -1507,6 +1538,8 @@ def _main(args):
             cmd_outliers(runs, w, args.layer, args.kind, args.batches, args.batch_size, args.n_std, not args.masked)
         elif args.cmd == "attention":
             cmd_attention(runs, w, args.layer, args.head, args.seq, not args.masked, args.batches)
+        elif args.cmd == "panels":
+            cmd_panels(_ordered(runs), w, args.layer, args.kind, args.seq, not args.masked, args.batches)
         else:
             cmd_vit(runs, w, args.layer, args.attn_layer, args.head, args.image, args.kind, args.batches)
     w.finish()
