@@ -31,14 +31,15 @@ Bondarenko, Nagel, Blankevoort, "Quantizable Transformers" (NeurIPS 2023):
 
 Layers, heads, dimensions and positions are 0-based everywhere here and the titles say so (the paper numbers
 layers and heads from 1 and dimensions from 0). The data functions (`outlier_counts_data`,
-`attention_pattern_data`, `vit_patch_data`, `sweep_data`, `growth_data`) return plain dicts of lists and numbers
-and need only torch; the `plot_*` functions draw them with matplotlib, an optional extra imported only when
-drawing. Every command writes the data behind each figure (.json, or .csv for tables) next to its .png; without
-matplotlib it writes the data only and says how to install it.
+`attention_pattern_data`, `vit_patch_data`, `variant_panel_data`, `sweep_data`, `growth_data`, `headline_data`)
+return plain dicts of lists and numbers and need only torch; the `plot_*` functions draw them with matplotlib, an
+optional extra imported only when drawing. Every figure's title names its data, model and training seed(s)
+(`source_label`). Every command writes the data behind each figure (.json, or .csv for tables) next to its .png;
+without matplotlib it writes the data only and says how to install it.
 
-Why one file of about 1,000 lines: it is six independent pairs (a data function and a plot function per figure)
+Why one file of about 1,500 lines: it is eight independent pairs (a data function and a plot function per figure)
 plus one CLI, and a reader follows one figure from top to bottom; splitting the pairs across files would only
-add imports. It sits on top of the library modules and nothing imports it.
+add imports. It sits on top of the library modules; only scripts import it (reproduce.py draws with `make_all`).
 """
 
 import argparse
