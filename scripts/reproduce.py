@@ -152,7 +152,11 @@ def draw_figures(out):
     matplotlib the figures' data and one line saying how to get the pictures."""
     import figures  # scripts/ is on sys.path when this file runs as a script
     print(f"== figures: python scripts/figures.py all {out}", flush=True)
-    w = figures.make_all(out, quiet=True)
+    try:
+        w = figures.make_all(out, quiet=True)
+    except (ValueError, FileNotFoundError) as e:  # figures.FigureError is a ValueError
+        sys.exit(f"error: drawing the figures failed ({e}); the tables and results are written in {out}; draw "
+                 f"them again with python scripts/figures.py all {out}")
     pngs = [p for p in w.written if p.endswith(".png")]
     if w.missing_matplotlib:
         print(f"figures: matplotlib is not installed, so only the data behind each figure was written to {w.out} "
