@@ -524,4 +524,4 @@ def kernel_line(report: dict) -> str:
         what = "torch._int_mm"
     return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_q if report['kernel'] == 'qengine' else n}"
             f" of {n} linear layers on {what}; {cpu}; float: {', '.join(FLOAT_PARTS)} (their "
-            f"{report.get('fast_act_quantizers', 0)} activation grids in 4 passes instead of 6)")
+            f"{report.get('fast_act_quantizers', 0)} activation quantizers in 4 float passes instead of 6)")
