@@ -181,34 +181,57 @@ def cpu_info() -> dict:
             "amx": flag("_is_amx_tile_supported"), "qengine": torch.backends.quantized.engine}
 
 
+def _supported_engines() -> list:
+    return list(torch.backends.quantized.supported_engines)
+
+
+def choose_engine() -> tuple[str | None, str]:
+    """(engine, why): the quantized engine the "qengine" kernel prepacks for, when none is given.
+      1. a CPU with AMX tiles and a usable "onednn" engine: "onednn" (its AMX int8 kernels ran the whole BERT-base
+         forward 1.5x faster than FBGEMM on the AMX machine we measured, docs/results.md);
+      2. torch.backends.quantized.engine ("x86" = FBGEMM by default on x86, "qnnpack" on ARM), if usable;
+      3. any usable engine of this torch; (None, why) if there is none.
+    """
+    if cpu_info()["amx"] and "onednn" in _supported_engines() and engine_probe("onednn")["usable"]:
+        return "onednn", "AMX: oneDNN's AMX int8 kernels"
+    current = engine_probe()
+    if current["usable"]:
+        return current["engine"], "torch.backends.quantized.engine"
+    for name in ("x86", "fbgemm", "qnnpack", "onednn"):
+        if name in _supported_engines() and engine_probe(name)["usable"]:
+            return name, f"the first usable engine ({current['why']})"
+    return None, current["why"]
+
+
 def choose_kernel(kernel: str = "auto", device="cpu") -> tuple[str, str]:
     """(kernel, why): the kernel Int8Linear layers run on `device`.
 
     kernel="int_mm" or "qengine" forces it (ValueError if "qengine" cannot run here: a CUDA device, or no usable
     quantized engine). kernel="auto" is the rule:
       1. CUDA: "int_mm" (the quantized engine has CPU kernels only);
-      2. CPU with a usable quantized engine (engine_probe): "qengine" -- FBGEMM / QNNPACK are fast with and
-         without VNNI, and on the AVX-512 VNNI + AMX machine we measured they beat `_int_mm` per layer too,
-         because the input quantization, the requantization and the dequantization are fused into the kernel;
+      2. CPU with a usable quantized engine (choose_engine, engine_probe): "qengine" -- FBGEMM / QNNPACK are fast
+         with and without VNNI, and on the AVX-512 VNNI + AMX machine we measured the quantized engine beat
+         `_int_mm` per layer and per model too, because the input quantization, the requantization and the
+         dequantization are fused into the kernel;
       3. otherwise "int_mm".
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     device = torch.device(device)
-    probe = engine_probe()
     if kernel == "int_mm":
         return "int_mm", "forced (kernel='int_mm')"
-    if kernel == "qengine":
-        if device.type != "cpu":
-            raise ValueError(f"kernel='qengine': torch's quantized engine runs on the CPU only, not on {device}")
-        if not probe["usable"]:
-            raise ValueError(f"kernel='qengine': {probe['why']}")
-        return "qengine", "forced (kernel='qengine')"
-    if device.type != "cpu":
+    if kernel == "qengine" and device.type != "cpu":
+        raise ValueError(f"kernel='qengine': torch's quantized engine runs on the CPU only, not on {device}")
+    if kernel == "auto" and device.type != "cpu":
         return "int_mm", f"auto: {device.type} device"
-    if probe["usable"]:
+    engine, why = choose_engine()
+    if kernel == "qengine":
+        if engine is None:
+            raise ValueError(f"kernel='qengine': {why}")
+        return "qengine", "forced (kernel='qengine')"
+    if engine is not None:
         return "qengine", "auto: a usable quantized engine on the CPU"
-    return "int_mm", f"auto: {probe['why']}"
+    return "int_mm", f"auto: {why}"
 
 
 # =========================================================================================== the integer layer
@@ -459,17 +482,19 @@ def _fast_act_quantizers(imodel: nn.Module) -> int:
 
 # =========================================================================================== the whole model
 
-def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto") -> tuple[nn.Module, dict]:
+def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto", engine: str | None = None
+            ) -> tuple[nn.Module, dict]:
     """An integer-executing copy of a calibrated quantized model (quant.quantize_model + quant.calibrate).
 
     Every quantized nn.Linear whose input comes straight from a calibrated activation quantizer of at most 8 bits,
     and whose weight has at most 8 bits, becomes an Int8Linear; `batch` (run once through forward_fn(model, batch),
     default model(batch)) is used only to find each layer's input quantizer. `qmodel` is not changed.
-    `kernel`: "auto" (choose_kernel's rule, on the device of qmodel's parameters), "qengine" or "int_mm". A layer
+    `kernel`: "auto" (choose_kernel's rule, on the device of qmodel's parameters), "qengine" or "int_mm";
+    `engine`: the quantized engine for "qengine" (default: choose_engine's rule). A layer
     the quantized engine cannot compute exactly (module docstring) runs on "int_mm", with the reason in
     report["int_mm_because"].
     Returns (imodel, report) with report = {"int8": [layer names], "simulated": {layer name: why},
-    "kernel": the kernel chosen, "kernel_why": why, "engine": the quantized engine or None,
+    "kernel": the kernel chosen, "kernel_why": why, "engine": the quantized engine or None, "engine_why": why,
     "kernels": {layer name: kernel}, "int_mm_because": {layer name: why}, "cpu": cpu_info(),
     "fast_act_quantizers": how many other activation quantizers now run on torch's quantize kernel}.
     Every other frozen activation quantizer (the grids of LayerNorm outputs, residual sums, attention scores,
@@ -480,9 +505,16 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto") 
     imodel = copy.deepcopy(qmodel).eval()
     device = next((p.device for p in imodel.parameters()), torch.device("cpu"))
     chosen, why = choose_kernel(kernel, device)
-    engine = torch.backends.quantized.engine if chosen == "qengine" else None
+    engine_why = ""
+    if chosen == "qengine":
+        engine, engine_why = (engine, "given") if engine else choose_engine()
+        if not engine_probe(engine)["usable"]:
+            raise ValueError(f"to_int8: {engine_probe(engine)['why']}")
+    else:
+        engine = None
     sources = linear_input_quantizers(imodel, batch, forward_fn)
-    report = {"int8": [], "simulated": {}, "kernel": chosen, "kernel_why": why, "engine": engine, "kernels": {},
+    report = {"int8": [], "simulated": {}, "kernel": chosen, "kernel_why": why, "engine": engine,
+              "engine_why": engine_why, "kernels": {},
               "int_mm_because": {}, "cpu": cpu_info()}
     for name, lin in quantized_linears(imodel):
         wq = lin.parametrizations.weight[0]
@@ -517,7 +549,8 @@ def kernel_line(report: dict) -> str:
     cpu = f"CPU {c['capability']}, VNNI {'yes' if c['vnni'] else 'no'}, AMX {'yes' if c['amx'] else 'no'}"
     if report["kernel"] == "qengine":
         probe = engine_probe(report["engine"])
-        what = f"torch.ops.quantized.linear, engine {report['engine']} ({probe['why']})"
+        what = (f"torch.ops.quantized.linear, engine {report['engine']} [{report.get('engine_why', '')}] "
+                f"({probe['why']})")
         if n_q < n:
             what += f"; {n - n_q} on torch._int_mm (see int_mm_because)"
     else:

@@ -50,6 +50,11 @@ def kernel(request):
         torch.backends.quantized.engine = old
 
 
+def _engine_of(kernel: str):
+    """The engine the `kernel` fixture set (to_int8 would otherwise apply choose_engine's rule)."""
+    return torch.backends.quantized.engine if kernel == "qengine" else None
+
+
 def _steps_apart(a: torch.Tensor, b: torch.Tensor, step: float) -> torch.Tensor:
     """|a - b| in output-grid steps (both on the same grid)."""
     return ((a - b).abs() / step).double()
@@ -74,7 +79,7 @@ def test_int8_linear_matches_simulation_and_exact_arithmetic(shape, per_channel,
         net[0].bias.normal_(0, 1.0, generator=g)  # an asymmetric input range: a non-trivial zero point
     xs = [torch.randn(B, T, K, generator=g) * 3 for _ in range(4)]
     qm = _calibrated(net, xs, act_bits=act_bits, weight_per_channel=per_channel)
-    im, report = int8.to_int8(qm, xs[0], kernel=kernel)
+    im, report = int8.to_int8(qm, xs[0], kernel=kernel, engine=_engine_of(kernel))
     assert report["int8"] == ["1"] and report["simulated"] == {} and report["kernels"] == {"1": kernel}
     lin, sim = im[1], qm[1]
     assert lin.weight_codes.dtype == torch.int8 and lin.weight_codes.shape == (N, K)
@@ -136,7 +141,8 @@ CASES = [("bert-small", "softmax", {}), ("bert-small", "clipped", {"clip_alpha":
          ("vit-small", "softmax", {}), ("vit-small", "clipped", {"clip_alpha": 1.0})]
 
 
-@pytest.mark.parametrize("kernel", [KERNELS[0], pytest.param(("qengine", "default"), id="qengine")], indirect=True)
+@pytest.mark.parametrize("kernel", [KERNELS[0], pytest.param(("qengine", "default"), id="qengine"), KERNELS[-1]],
+                         indirect=True)  # _int_mm, the default engine, oneDNN
 @pytest.mark.parametrize("preset,mode,extra", CASES, ids=[f"{p}-{m}-{len(e)}" for p, m, e in CASES])
 def test_int8_model_equals_simulated_w8a8_end_to_end(preset, mode, extra, corpus, kernel):
     """Every quantized linear layer runs in int8 on the kernel, and the metric equals the simulation's within
@@ -152,7 +158,7 @@ def test_int8_model_equals_simulated_w8a8_end_to_end(preset, mode, extra, corpus
     task = Task.for_config(cfg, "builtin" if preset.startswith("vit") else str(corpus))
     batches = [task.batch("train", s, 8, seed=0, augment=False) for s in range(4)]
     qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig()), batches, lambda m, b: m(**b))
-    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel)
+    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel, engine=_engine_of(kernel))
     n_linear = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n not in model.ptq_skip)
     assert len(report["int8"]) == n_linear and report["simulated"] == {}
     assert set(report["kernels"].values()) == {kernel}
@@ -173,9 +179,9 @@ def test_layer_without_output_quantizer_gives_float_output(kernel):
     xs = [torch.randn(3, 5, 40, generator=g) for _ in range(2)]
     qm = _calibrated(net, xs, skip_outputs=("1",))
     assert not hasattr(qm[1], "output_quantizer")
-    im, report = int8.to_int8(qm, xs[0], kernel=kernel)
+    im, report = int8.to_int8(qm, xs[0], kernel=kernel, engine=_engine_of(kernel))
     lin = im[1]
-    if kernel == "qengine" and not int8.engine_probe()["float_out"]:
+    if kernel == "qengine" and not int8.engine_probe(_engine_of(kernel))["float_out"]:
         assert lin.kernel == "int_mm" and "float-output" in report["int_mm_because"]["1"]
     else:
         assert lin.kernel == kernel and report["int_mm_because"] == {}
@@ -229,9 +235,9 @@ xs = [torch.randn(4, 8, 64, generator=g) * 3 for _ in range(3)]
 qm = Q.calibrate(Q.quantize_model(net, Q.QuantConfig()), xs)
 x = qm[0](torch.randn(4, 8, 64, generator=g) * 3)
 s = qm[1].output_quantizer.scale
-paired = int8.to_int8(qm, xs[0], kernel="qengine")[0][1]
+paired = int8.to_int8(qm, xs[0], kernel="qengine", engine="fbgemm")[0][1]
 ref = int8.to_int8(qm, xs[0], kernel="int_mm")[0][1]
-bare = int8.Int8Linear.from_quantized(qm[1], qm[0].output_quantizer, kernel="qengine")
+bare = int8.Int8Linear.from_quantized(qm[1], qm[0].output_quantizer, kernel="qengine", engine="fbgemm")
 bare.columns, bare._packed = None, torch.ops.quantized.linear_prepack(
     int8._qtensor(bare.weight_codes, bare.w_scale, 0), bare.bias)  # the same layer without the re-pairing
 print(len(paired.columns) if paired.columns is not None else 0,
@@ -269,10 +275,19 @@ def test_choose_kernel_rule_and_forced_kernels(monkeypatch):
     if usable["usable"]:
         assert int8.choose_kernel("auto", "cpu") == ("qengine", "auto: a usable quantized engine on the CPU")
         assert int8.choose_kernel("qengine")[0] == "qengine"
+    # the engine: oneDNN where the CPU has AMX, else torch.backends.quantized.engine
+    ok = {"usable": True, "why": "exact int32 accumulation", "pairs_saturate": False, "float_out": True}
+    monkeypatch.setattr(int8, "engine_probe", lambda engine=None: {**ok, "engine": engine or "x86"})
+    monkeypatch.setattr(int8, "_supported_engines", lambda: ["x86", "onednn"])
+    for amx, want in ((True, "onednn"), (False, "x86")):
+        monkeypatch.setattr(int8, "cpu_info", lambda amx=amx: {"capability": "AVX512", "vnni": True, "amx": amx,
+                                                               "qengine": "x86"})
+        assert int8.choose_engine()[0] == want
     missing = {"engine": "none", "usable": False, "why": "no quantized engine", "pairs_saturate": False,
                "float_out": False}
     monkeypatch.setattr(int8, "engine_probe", lambda engine=None: missing)
     assert int8.choose_kernel("auto", "cpu") == ("int_mm", "auto: no quantized engine")
+    assert int8.choose_engine() == (None, "no quantized engine")
     with pytest.raises(ValueError, match="no quantized engine"):
         int8.choose_kernel("qengine")
 
@@ -329,7 +344,7 @@ def test_every_layer_of_a_trained_model_matches_the_simulation(trained, kernel):
     batches = [task.batch("train", s, 8, seed=0, augment=False) for s in range(4)]
     qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig(skip=tuple(model.ptq_skip))), batches,
                      lambda m, b: m(**b))
-    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel)
+    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel, engine=_engine_of(kernel))
     assert report["simulated"] == {} and set(report["kernels"].values()) == {kernel}
     inputs = {}
     hooks = [qm.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
