@@ -91,7 +91,8 @@ def test_tiny_run_writes_checkpoint_log_and_vocab(tmp_path, corpus, arch, varian
     out = tmp_path / "run"
     res = train.main(args(arch, corpus, "--steps", 4, "--eval-interval", 2, "--ckpt-interval", 2, *variant,
                           "--out", out))
-    files = {"ckpt.pt", "ckpt.prev.pt", "log.jsonl"} | ({"vocab.txt"} if arch != "vit" else set())
+    files = {"ckpt.pt", "ckpt.prev.pt", "log.jsonl"} | ({"vocab.txt", "tokenizer_config.json"} if arch != "vit" else
+                                                        set())
     assert {p.name for p in out.iterdir()} == files
 
     log = read_log(out)
