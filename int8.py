@@ -32,8 +32,9 @@ same grid as in the simulation. Two kernels compute it (`KERNELS`):
              the output quantizer in float. Fast on CUDA and on CPUs with VNNI / AMX (oneDNN); without VNNI torch
              falls back to a plain loop 20-40x slower than an fp32 matmul (docs/results.md).
 
-`choose_kernel` picks one ("auto", the rule in its docstring, or forced); `kernel_line(report)` is the one line
-that says which ran. Float stays, on every kernel: LayerNorm, softmax, GELU / ReLU, residual adds, the
+`choose_kernel` picks one ("auto", the rule in its docstring, or forced) and `choose_engine` the quantized engine
+(oneDNN's AMX kernels where the CPU has AMX, else torch.backends.quantized.engine); `kernel_line(report)` is the
+one line that says which ran. Float stays, on every kernel: LayerNorm, softmax, GELU / ReLU, residual adds, the
 attention's two matmuls (Q K^T, P V: batched, and both operands carry zero points; torch has no static integer
 batched matmul), the per-head gate (an einsum of d_head numbers) and the final linear layer (left in FP by PTQ):
 these run as in the simulated model, on dequantized values (`FLOAT_PARTS`).

@@ -20,7 +20,8 @@ Weight memory counts the bytes a layer must keep to compute: FP32 weights, or in
 without AVX-512 VNNI: with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 it emulates an AVX2 machine on a newer one.
 
     python benchmarks/bench_int8.py                       # about 2 minutes on 2 cores
-    python benchmarks/bench_int8.py --preset bert-base --batch-size 8 --batches 2 --rounds 3 --threads 1
+    python benchmarks/bench_int8.py --preset bert-base --batch-size 8 --batches 2 --rounds 3 --threads 1 \
+        --engines x86 onednn                              # both engines next to _int_mm
     FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_int8.py --no-onednn \
         --kernels qengine --preset bert-base --batch-size 8 --batches 2 --rounds 3 --threads 1   # emulated AVX2
 """
@@ -76,6 +77,22 @@ def weight_bytes(model: nn.Module) -> int:
 EMULATION_VARS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 NAMES = {"fp32": "FP32", "sim": "simulated", "int_mm": "_int_mm", "qengine": "qengine"}
+ENGINES: list = []  # --engines: the quantized engines timed as kernels "qengine:<engine>" (default: choose_engine's)
+
+
+def _variants(kernels):
+    """(name, kernel, engine) of each integer variant to time."""
+    out = []
+    for k in kernels:
+        if k == "qengine" and ENGINES:
+            out += [(f"qengine:{e}", "qengine", e) for e in ENGINES]
+        else:
+            out.append((k, k, None))
+    return out
+
+
+def _name(key: str) -> str:
+    return NAMES.get(key, key)
 
 
 def machine(kernels, no_onednn: bool) -> None:
@@ -97,7 +114,9 @@ def machine(kernels, no_onednn: bool) -> None:
           + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS))
     print(f"quantized engine {probe['engine']} (supported: {', '.join(torch.backends.quantized.supported_engines)}): "
           f"{'usable' if probe['usable'] else 'NOT usable'}, {probe['why']}")
-    print(f"auto kernel: {' -- '.join(int8.choose_kernel('auto'))}; timing: {', '.join(NAMES[k] for k in kernels)}")
+    engine, why = int8.choose_engine()
+    print(f"auto kernel: {' -- '.join(int8.choose_kernel('auto'))}; engine {engine} ({why}); timing: "
+          f"{', '.join(_name(v[0]) for v in _variants(kernels))}")
     emulated = [f"{v}={os.environ[v]}" for v in EMULATION_VARS if v in os.environ]
     if no_onednn:
         emulated.append("oneDNN off (torch._int_mm on its plain loop, as without VNNI)")
@@ -107,7 +126,7 @@ def machine(kernels, no_onednn: bool) -> None:
 
 
 def _ratios(t: dict, unit: float, fmt: str) -> str:
-    return "   ".join(f"{NAMES[k]} {t[k] * unit:{fmt}}" + ("" if k == "fp32" else f" ({t['fp32'] / t[k]:.2f}x)")
+    return "   ".join(f"{_name(k)} {t[k] * unit:{fmt}}" + ("" if k == "fp32" else f" ({t['fp32'] / t[k]:.2f}x)")
                        for k in t)
 
 
@@ -124,11 +143,12 @@ def bench_layers(batch: int, rounds: int, kernels) -> None:
         x = qm[0](torch.randn(batch, 128, k, generator=g))  # on the LayerNorm quantizer's grid
         fns = {"fp32": lambda: net[1](x), "sim": lambda: qm[1](x)}
         ims = {}
-        for kern in kernels:
-            ims[kern], _ = int8.to_int8(qm, xs[0], kernel=kern)
-            fns[kern] = (lambda lin: lambda: lin(x))(ims[kern][1])
+        for key, kern, engine in _variants(kernels):
+            ims[key], _ = int8.to_int8(qm, xs[0], kernel=kern, engine=engine)
+            fns[key] = (lambda lin: lambda: lin(x))(ims[key][1])
         t = interleaved(fns, rounds)
-        cols = getattr(ims.get("qengine", [None, None])[1], "columns", None)
+        cols = next((m[1].columns for k, m in ims.items() if k.startswith("qengine") and m[1].columns is not None),
+                    None)
         extra = "" if cols is None else f"   (qengine: input columns re-paired against int16 overflow, {len(cols)} read)"
         print(f"  {k:>4} -> {n:<4}  {_ratios(t, 1e3, '7.2f')}   weights {weight_bytes(net) / 2**20:.2f} -> "
               f"{weight_bytes(next(iter(ims.values()))) / 2**20 if ims else 0:.2f} MiB{extra}")
@@ -147,17 +167,17 @@ def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels) -
         return lambda: [m.forward_features(**b) for b in data]
 
     fns, reports = {"fp32": run(model), "sim": run(qm)}, {}
-    for kern in kernels:
-        im, reports[kern] = int8.to_int8(qm, data[0], lambda m, b: m(**b), kernel=kern)
-        fns[kern] = run(im)
+    for key, kern, engine in _variants(kernels):
+        im, reports[key] = int8.to_int8(qm, data[0], lambda m, b: m(**b), kernel=kern, engine=engine)
+        fns[key] = run(im)
     t = interleaved(fns, rounds)
     rep = next(iter(reports.values()), {"int8": [], "simulated": {}})
     print(f"\n{preset} forward pass (to the final hidden states), {n_batches} batches of {batch} x "
           f"{cfg.max_seq_len}, median of {rounds} interleaved rounds; {len(rep['int8'])} linear layers in int8, "
           f"{len(rep['simulated'])} simulated; s (x FP32's speed):")
     print(f"  {_ratios(t, 1.0, '.3f')}")
-    for kern, r in reports.items():
-        print(f"  {NAMES[kern]}: {int8.kernel_line(r)}")
+    for key, r in reports.items():
+        print(f"  {_name(key)}: {int8.kernel_line(r)}")
     if reports:
         print(f"  linear-layer weights: FP32 {weight_bytes(model) / 2**20:.1f} MiB, integer "
               f"{weight_bytes(im) / 2**20:.1f} MiB (the FP32 LM head, tied to the word embedding, is not counted)")
@@ -172,6 +192,9 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--kernels", nargs="*", default=["int_mm", "qengine"], choices=["int_mm", "qengine"],
                     help="integer kernels to time next to FP32 and the simulation (default: both)")
+    ap.add_argument("--engines", nargs="*", default=[],
+                    help="quantized engines to time the qengine kernel on, side by side (default: the one "
+                         "int8.choose_engine picks), e.g. --engines x86 onednn")
     ap.add_argument("--no-onednn", action="store_true",
                     help="turn oneDNN off, so torch._int_mm runs the plain loop a CPU without VNNI gets (emulation)")
     ap.add_argument("--skip-layers", action="store_true", help="only the whole-model timing")
@@ -182,8 +205,10 @@ def main():
     if args.no_onednn:
         torch.backends.mkldnn.enabled = False
     kernels = [k for k in ("int_mm", "qengine") if k in args.kernels]
-    if "qengine" in kernels and not int8.engine_probe()["usable"]:
-        print(f"qengine left out: {int8.engine_probe()['why']}")
+    ENGINES[:] = [e for e in args.engines if int8.engine_probe(e)["usable"] or print(
+        f"engine {e} left out: {int8.engine_probe(e)['why']}")]
+    if "qengine" in kernels and not ENGINES and int8.choose_engine()[0] is None:
+        print(f"qengine left out: {int8.choose_engine()[1]}")
         kernels.remove("qengine")
     machine(kernels, args.no_onednn)
     if not args.skip_layers:
