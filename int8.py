@@ -556,6 +556,7 @@ def kernel_line(report: dict) -> str:
             what += f"; {n - n_q} on torch._int_mm (see int_mm_because)"
     else:
         what = "torch._int_mm"
-    return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_q if report['kernel'] == 'qengine' else n}"
-            f" of {n} linear layers on {what}; {cpu}; float: {', '.join(FLOAT_PARTS)} (their "
+    n_run = n_q if report["kernel"] == "qengine" else n
+    return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_run} of {n} linear layers on {what}; "
+            f"{cpu}; float: {', '.join(FLOAT_PARTS)} (their "
             f"{report.get('fast_act_quantizers', 0)} activation quantizers in 4 float passes instead of 6)")

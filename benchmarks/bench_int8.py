@@ -149,7 +149,7 @@ def bench_layers(batch: int, rounds: int, kernels) -> None:
         t = interleaved(fns, rounds)
         cols = next((m[1].columns for k, m in ims.items() if k.startswith("qengine") and m[1].columns is not None),
                     None)
-        extra = "" if cols is None else f"   (qengine: input columns re-paired against int16 overflow, {len(cols)} read)"
+        extra = "" if cols is None else f"   (qengine: input re-paired against int16 overflow, {len(cols)} columns)"
         print(f"  {k:>4} -> {n:<4}  {_ratios(t, 1e3, '7.2f')}   weights {weight_bytes(net) / 2**20:.2f} -> "
               f"{weight_bytes(next(iter(ims.values()))) / 2**20 if ims else 0:.2f} MiB{extra}")
 
