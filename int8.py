@@ -33,7 +33,7 @@ same grid as in the simulation. Two kernels compute it (`KERNELS`):
              falls back to a plain loop 20-40x slower than an fp32 matmul (docs/results.md).
 
 `choose_kernel` picks one ("auto", the rule in its docstring, or forced) and `choose_engine` the quantized engine
-(oneDNN's AMX kernels where the CPU has AMX, else torch.backends.quantized.engine); `kernel_line(report)` is the
+(oneDNN where the CPU has AVX-512 VNNI or AMX, else torch.backends.quantized.engine); `kernel_line(report)` is the
 one line that says which ran. Float stays, on every kernel: LayerNorm, softmax, GELU / ReLU, residual adds, the
 attention's two matmuls (Q K^T, P V: batched, and both operands carry zero points; torch has no static integer
 batched matmul), the per-head gate (an einsum of d_head numbers) and the final linear layer (left in FP by PTQ):
@@ -188,13 +188,15 @@ def _supported_engines() -> list:
 
 def choose_engine() -> tuple[str | None, str]:
     """(engine, why): the quantized engine the "qengine" kernel prepacks for, when none is given.
-      1. a CPU with AMX tiles and a usable "onednn" engine: "onednn" (its AMX int8 kernels ran the whole BERT-base
-         forward 1.5x faster than FBGEMM on the AMX machine we measured, docs/results.md);
+      1. a CPU with AVX-512 VNNI or AMX tiles and a usable "onednn" engine: "onednn" (its int8 kernels ran the
+         whole BERT-base forward 1.45x faster than FBGEMM with AMX and 1.09x with oneDNN held to AVX-512 VNNI, on
+         the machine we measured, docs/results.md);
       2. torch.backends.quantized.engine ("x86" = FBGEMM by default on x86, "qnnpack" on ARM), if usable;
       3. any usable engine of this torch; (None, why) if there is none.
     """
-    if cpu_info()["amx"] and "onednn" in _supported_engines() and engine_probe("onednn")["usable"]:
-        return "onednn", "AMX: oneDNN's AMX int8 kernels"
+    info = cpu_info()
+    if (info["amx"] or info["vnni"]) and "onednn" in _supported_engines() and engine_probe("onednn")["usable"]:
+        return "onednn", f"{'AMX' if info['amx'] else 'AVX-512 VNNI'}: oneDNN's int8 kernels"
     current = engine_probe()
     if current["usable"]:
         return current["engine"], "torch.backends.quantized.engine"

@@ -275,13 +275,13 @@ def test_choose_kernel_rule_and_forced_kernels(monkeypatch):
     if usable["usable"]:
         assert int8.choose_kernel("auto", "cpu") == ("qengine", "auto: a usable quantized engine on the CPU")
         assert int8.choose_kernel("qengine")[0] == "qengine"
-    # the engine: oneDNN where the CPU has AMX, else torch.backends.quantized.engine
+    # the engine: oneDNN where the CPU has AVX-512 VNNI or AMX, else torch.backends.quantized.engine
     ok = {"usable": True, "why": "exact int32 accumulation", "pairs_saturate": False, "float_out": True}
     monkeypatch.setattr(int8, "engine_probe", lambda engine=None: {**ok, "engine": engine or "x86"})
     monkeypatch.setattr(int8, "_supported_engines", lambda: ["x86", "onednn"])
-    for amx, want in ((True, "onednn"), (False, "x86")):
-        monkeypatch.setattr(int8, "cpu_info", lambda amx=amx: {"capability": "AVX512", "vnni": True, "amx": amx,
-                                                               "qengine": "x86"})
+    for vnni, amx, want in ((True, True, "onednn"), (True, False, "onednn"), (False, False, "x86")):
+        monkeypatch.setattr(int8, "cpu_info", lambda vnni=vnni, amx=amx: {"capability": "AVX512", "vnni": vnni,
+                                                                          "amx": amx, "qengine": "x86"})
         assert int8.choose_engine()[0] == want
     missing = {"engine": "none", "usable": False, "why": "no quantized engine", "pairs_saturate": False,
                "float_out": False}
