@@ -27,7 +27,8 @@ cosine similarity of the mean-pooled sentence embeddings (what the model's users
 validation sequence's nearest neighbour among the others stays the same (metrics.EmbeddingAgreement). Each of the
 `--eval-batches` x `--eval-batch-size` validation sequences is one "sentence".
 
-Time on 2 CPU cores: about 20 minutes with the defaults (3 PTQ seeds), 6 with --quick.
+Time: 55 minutes with the defaults (3 PTQ seeds) on a 2-core Intel Xeon that other jobs were loading (load
+average 5-7), so less on an idle one; --quick runs one PTQ seed on fewer batches.
 """
 
 import argparse
@@ -54,7 +55,7 @@ from checkpoint import atomic_write, check_writable, load_checkpoint  # noqa: E4
 INSTALL = "pip install matplotlib"
 DELIM_NOTE = "[CLS], [SEP], '.', ','"
 STEPS = {  # name -> (what, eval_ptq.py flags)
-    "paper": ("the paper's W8A8 PTQ (per-tensor weights and activations)",
+    "paper": ("the paper's PTQ (per-tensor weights and activations)",
               ["--analysis", "--int8", "--mixed-precision", "--bits", "W8A8", "W8A16", "W8A6", "W4A8"]),
     "per-channel": ("per-channel weights, per-tensor activations (not the paper's)",
                     ["--weight-per-channel", "--bits", "W8A8", "W8A16", "W8A6"]),
@@ -309,7 +310,7 @@ def plot_headline(d: dict, path: Path) -> None:
     for i, r in enumerate(q):
         c.annotate(f"{r['sqnr_db']:.1f} dB", (max(0.0, lo - 0.05), i), fontsize=7, va="center", xytext=(3, 0),
                    textcoords="offset points", color="white")
-    c.set_xlabel("mean-pooled embedding cosine, quantized vs FP (dashed: 0.99)")
+    c.set_xlabel("embedding cosine, quantized vs FP (dashed: 0.99)")
     c.set_title("(c) PTQ quality (text: SQNR of the final hidden states)", fontsize=10)
     fig.suptitle(d["title"], fontsize=11)
     fig.savefig(path, dpi=120)
@@ -387,6 +388,8 @@ def main(argv=None):
     ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS), help="which PTQ steps to run")
     ap.add_argument("--quick", action="store_true", help="one PTQ seed, 2 validation batches, 8 calibration batches")
     ap.add_argument("--no-plots", action="store_true", help="write the report without figures")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report and figures from the steps' ptq.json already in --out (no evaluation)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -428,6 +431,11 @@ def study(args, model_dir: Path, out: Path) -> dict:
     for step in args.steps:
         folder = out / f"ptq-{step}"
         folder.mkdir(parents=True, exist_ok=True)
+        if args.report_only:
+            if not (folder / "ptq.json").is_file():
+                raise ValueError(f"--report-only: {folder / 'ptq.json'} is missing; run the study without it first")
+            results[step] = json.loads((folder / "ptq.json").read_text())
+            continue
         seconds[step] = run([sys.executable, str(ROOT / "eval_ptq.py"), str(run_dir), *STEPS[step][1], *common,
                              "--out", str(folder)], folder / "log.txt")
         results[step] = json.loads((folder / "ptq.json").read_text())
@@ -446,6 +454,9 @@ def study(args, model_dir: Path, out: Path) -> dict:
         figures = draw(out, run_dir, results, meta)
         seconds["figures"] = time.perf_counter() - t0
     meta["minutes"] = (time.perf_counter() - t_start) / 60
+    if args.report_only and (out / "report.json").is_file():  # keep the times of the run that evaluated
+        prev = json.loads((out / "report.json").read_text())["meta"]
+        meta["minutes"], meta["step_seconds"], meta["command"] = prev["minutes"], prev["step_seconds"], prev["command"]
     report = {"meta": meta, "tokenizer": tok, "quality": quality_rows(results),
               "outliers": {"max_inf_norm": results["paper"]["fp"]["max_inf_norm"],
                            "avg_kurtosis": results["paper"]["fp"]["avg_kurtosis"],
