@@ -60,6 +60,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     wd_ln_gamma: bool = False       # appendix B.3: also decay LayerNorm weights (gamma)
     ln_weight_decay: float = -1.0   # with wd_ln_gamma: the LayerNorm gammas' own decay (-1: weight_decay's)
+    gate_lr: float = 0.0            # not in the paper: the gates' own peak learning rate (0: lr), e.g. for a
+                                    #   converted model whose new gates must move far in a short run
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
@@ -141,6 +143,8 @@ def validate_train_config(tc: TrainConfig) -> None:
     if not 0 <= tc.weight_decay * tc.lr < 1:
         bad("weight_decay", f"must be >= 0 with lr * weight_decay < 1 (AdamW multiplies each weight by "
                             f"1 - lr * weight_decay; lr={tc.lr})")
+    if not 0 <= tc.gate_lr <= MAX_LR:
+        bad("gate_lr", f"must be in [0, {MAX_LR:g}] (0: the same as lr)")
     if not (tc.ln_weight_decay == -1 or 0 <= tc.ln_weight_decay * tc.lr < 1):
         bad("ln_weight_decay", f"must be -1 (weight_decay's) or >= 0 with lr * ln_weight_decay < 1 (lr={tc.lr})")
     if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1):
@@ -248,7 +252,15 @@ def param_groups(model, tc: TrainConfig):
     ln_wd = tc.weight_decay if tc.ln_weight_decay < 0 else tc.ln_weight_decay
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": gammas, "weight_decay": ln_wd},
               {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"] or g is not groups[1]]  # no empty gamma group: old runs resume
+    groups = [g for g in groups if g["params"] or g is not groups[1]]  # no empty gamma group: old runs resume
+    if tc.gate_lr:  # the gates' parameters move to groups of their own, scaled to gate_lr by the loop
+        gate = {id(p) for n, p in model.named_parameters() if ".attn.gate." in n}
+        for g in list(groups):
+            mine = [p for p in g["params"] if id(p) in gate]
+            if mine:
+                g["params"] = [p for p in g["params"] if id(p) not in gate]
+                groups.append({"params": mine, "weight_decay": g["weight_decay"], "lr_scale": tc.gate_lr / tc.lr})
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -277,6 +289,7 @@ HELP = {
     "warmup_steps": "linear warm-up steps", "schedule": "linear | cosine | constant after warm-up",
     "weight_decay": "AdamW weight decay", "wd_ln_gamma": "also decay LayerNorm weights (appendix B.3)",
     "ln_weight_decay": "with --wd-ln-gamma: the LayerNorm weights' own weight decay (-1: --weight-decay's)",
+    "gate_lr": "not in the paper: the gates' own peak learning rate (0: --lr), following the same schedule",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
     "clip_warmup_steps": "clipped softmax (not in the paper): gamma grows linearly from 0 to its value over N steps",
     "short_seq_len": "text, not in the paper: train the first --short-seq-steps steps on sequences of this length "
@@ -677,7 +690,7 @@ def main(argv=None):
     for step in bar:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         batches = [to_device(task.batch("train", step * tc.grad_accum + i, micro, tc.seed, rank, world), device)
                    for i in range(tc.grad_accum)]
         if step < tc.short_seq_steps:  # short phase: the same tokens, as (B * T / S, S) sequences

@@ -74,7 +74,7 @@ def train_flags(name: str, args) -> list[str]:
     attention, pressure = name.split(":")
     flags = list(ATTENTION[attention])
     if attention == "gated":
-        flags += ["--gate-init", str(args.gate_init)]
+        flags += ["--gate-init", str(args.gate_init)] + (["--gate-lr", str(args.gate_lr)] if args.gate_lr else [])
     if attention == "clipped":
         flags += ["--clip-alpha", str(args.clip_alpha)]
     if pressure == "ln-wd":
@@ -226,6 +226,7 @@ def main(argv=None):
                     help="the ln-wd pressure: AdamW decay of the LayerNorm gammas (each step multiplies them by "
                          "1 - lr * this)")
     ap.add_argument("--gate-init", type=float, default=0.5, help="gated: pi_init")
+    ap.add_argument("--gate-lr", type=float, default=0.0, help="gated: the gates' own learning rate (0: --lr)")
     ap.add_argument("--clip-alpha", type=float, default=0.5, help="clipped: alpha (gamma = -alpha / T)")
     ap.add_argument("--eval-batches", type=int, default=2)
     ap.add_argument("--eval-batch-size", type=int, default=64)

@@ -613,3 +613,15 @@ def test_help_lists_the_paper_flags(capsys):
     for flag in ("--attn-mode", "--clip-alpha", "--clip-gamma", "--clip-zeta", "--gate-init", "--gate-type",
                  "--wd-ln-gamma", "--resume", "--preset", "--grad-accum", "--patch-size", "--data"):
         assert flag in out, flag
+
+
+def test_gate_lr_puts_the_gates_in_groups_of_their_own():
+    m = build_model(get_config("bert-small", n_layers=2, n_heads=2, d_model=32, d_ff=64, vocab_size=64,
+                               max_seq_len=16, attn_mode="gated"))
+    plain = train.param_groups(m, train.TrainConfig(weight_decay=0.1, lr=1e-3))
+    groups = train.param_groups(m, train.TrainConfig(weight_decay=0.1, lr=1e-3, gate_lr=1e-1))
+    gates = {id(p) for n, p in m.named_parameters() if ".attn.gate." in n}
+    scaled = [g for g in groups if "lr_scale" in g]
+    assert {id(p) for g in scaled for p in g["params"]} == gates and all(g["lr_scale"] == 100 for g in scaled)
+    assert sum(len(g["params"]) for g in groups) == sum(len(g["params"]) for g in plain)
+    assert {g["weight_decay"] for g in scaled} == {0.1, 0.0}  # the gate weights decay, their biases do not
