@@ -47,21 +47,25 @@ def _valid_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.to(device=x.device, dtype=torch.float64)[..., None]
 
 
-def kurtosis(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def kurtosis(x: torch.Tensor, mask: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
     """Per-sample (non-excess) kurtosis over the flattened T x d tensor: (B, T, d) -> (B,), float32.
 
     kurt = mean((x - mu)^4) / mean((x - mu)^2)^2, mu = mean(x), over the sample's valid positions (mask (B, T),
     True = real token; padding excluded). A Gaussian gives 3. Computed in float64. NaN where undefined: a
-    constant sample (zero variance) or a sample with no valid position.
+    constant sample (zero variance) or a sample with no valid position. grad=True: differentiable, in x's own
+    dtype and returned in it (train.py's outlier penalty).
     """
     w = _valid_weights(x, mask)  # (B, T, 1)
-    x = x.detach().double()
+    if grad:
+        w = w.to(x.dtype)
+    else:
+        x = x.detach().double()
     n = w.sum(dim=(1, 2)) * x.shape[2]  # (B,) valid values per sample
     mu = (x * w).sum(dim=(1, 2)) / n  # (B,)
     c = (x - mu[:, None, None]) * w  # (B, T, d), 0 at padding
     m2 = c.pow(2).sum(dim=(1, 2)) / n
     m4 = c.pow(4).sum(dim=(1, 2)) / n
-    return (m4 / m2.pow(2)).float()
+    return m4 / m2.pow(2) if grad else (m4 / m2.pow(2)).float()
 
 
 def inf_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

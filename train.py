@@ -40,7 +40,7 @@ from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfin
                         remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
 from model import (CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config,
                    model_from_checkpoint)
-from metrics import EmbeddingAgreement, QuantNoise, evaluate, n_targets, to_device
+from metrics import EmbeddingAgreement, QuantNoise, evaluate, kurtosis, n_targets, to_device
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -62,6 +62,8 @@ class TrainConfig:
     ln_weight_decay: float = -1.0   # with wd_ln_gamma: the LayerNorm gammas' own decay (-1: weight_decay's)
     gate_lr: float = 0.0            # not in the paper: the gates' own peak learning rate (0: lr), e.g. for a
                                     #   converted model whose new gates must move far in a short run
+    outlier_penalty: float = 0.0    # not in the paper: lambda of the loss term lambda * mean log-kurtosis of every
+                                    #   block's FFN output and residual sums (OutlierTaps), a pressure against outliers
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
@@ -143,6 +145,8 @@ def validate_train_config(tc: TrainConfig) -> None:
     if not 0 <= tc.weight_decay * tc.lr < 1:
         bad("weight_decay", f"must be >= 0 with lr * weight_decay < 1 (AdamW multiplies each weight by "
                             f"1 - lr * weight_decay; lr={tc.lr})")
+    if not 0 <= tc.outlier_penalty <= 100:
+        bad("outlier_penalty", "must be in [0, 100] (0: off; 0.01-1 is a useful range)")
     if not 0 <= tc.gate_lr <= MAX_LR:
         bad("gate_lr", f"must be in [0, {MAX_LR:g}] (0: the same as lr)")
     if not (tc.ln_weight_decay == -1 or 0 <= tc.ln_weight_decay * tc.lr < 1):
@@ -290,6 +294,8 @@ HELP = {
     "weight_decay": "AdamW weight decay", "wd_ln_gamma": "also decay LayerNorm weights (appendix B.3)",
     "ln_weight_decay": "with --wd-ln-gamma: the LayerNorm weights' own weight decay (-1: --weight-decay's)",
     "gate_lr": "not in the paper: the gates' own peak learning rate (0: --lr), following the same schedule",
+    "outlier_penalty": "not in the paper: add lambda * mean log-kurtosis of every block's FFN output and residual "
+                       "sums to the loss (a pressure against outliers; 0: off)",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
     "clip_warmup_steps": "clipped softmax (not in the paper): gamma grows linearly from 0 to its value over N steps",
     "short_seq_len": "text, not in the paper: train the first --short-seq-steps steps on sequences of this length "
@@ -458,6 +464,41 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     student outputs zeros; 10^(-SQNR / 10) of metrics.sqnr_db."""
     w = mask[..., None].to(student.dtype) if mask is not None else torch.ones_like(student[..., :1])
     return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
+
+
+class OutlierTaps:
+    """Not in the paper: a pressure against activation outliers, for converting a pretrained model.
+
+        penalty = mean over taps t and samples b of log kurt(x_t[b])       (metrics.kurtosis, over T x d)
+
+    with the taps every block's FFN output (fc2) and its two residual sums (res_sum1, res_sum2), the tensors whose
+    per-tensor 8-bit grids the outliers stretch. log kurtosis is 1.1 for a Gaussian and about 9.5 for the 14,000
+    of an imported BERT's first FFN output; it is scale-free, so it cannot be met by shrinking everything.
+    Forward hooks, active only for gradient-enabled forwards of the model in training mode (not the evaluations);
+    `clear()` before each forward, `penalty(mask)` after it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+        for name, m in model.named_modules():
+            if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in ("fc2", "res_sum1", "res_sum2"):
+                self.handles.append(m.register_forward_hook(self._hook))
+        if not self.handles:
+            raise ValueError("--outlier-penalty: the model has no transformer blocks to tap")
+
+    def _hook(self, module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            self.outputs.append(output)
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+    def penalty(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean log-kurtosis of the tapped outputs of the last forward (mask (B, T): valid tokens)."""
+        if not self.outputs:
+            raise RuntimeError("OutlierTaps.penalty: no forward was recorded")
+        logs = [kurtosis(x.float(), mask, grad=True).clamp_min(1.0).log().mean() for x in self.outputs]
+        return torch.stack(logs).mean()
 
 
 def feature_inputs(batch: dict, arch: str) -> dict:
@@ -635,6 +676,7 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     fwd_model = torch.compile(model) if tc.compile else model
+    taps = OutlierTaps(raw_model) if tc.outlier_penalty else None
     amp = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[tc.dtype])
            if tc.dtype != "fp32" else contextlib.nullcontext())
     log_path = os.path.join(out, "log.jsonl")
@@ -702,8 +744,11 @@ def main(argv=None):
         # Each micro-batch's mean loss is weighted by its share of all predictions in the global batch, so the
         # gradient equals that of the global mean, whatever the split across micro-batches and ranks.
         step_loss = torch.zeros((), device=device)
+        step_penalty = torch.zeros((), device=device)
         for i, b in enumerate(batches):
             sync = (not ddp) or i == len(batches) - 1
+            if taps is not None:
+                taps.clear()
             with (contextlib.nullcontext() if sync else model.no_sync()), amp:
                 if teacher is not None:  # distillation: match the teacher's final hidden states
                     x = feature_inputs(b, cfg.arch)
@@ -712,8 +757,13 @@ def main(argv=None):
                     loss = distill_loss(raw_model.forward_features(**x), target, x.get("attention_mask"))
                 else:
                     _, loss = fwd_model(**b)
+                objective = loss
+                if taps is not None:  # not in the paper: the outlier pressure (OutlierTaps)
+                    penalty = taps.penalty(b.get("attention_mask"))
+                    objective = loss + tc.outlier_penalty * penalty
+                    step_penalty += penalty.detach() * counts[i] / total
             w = counts[i] / total * world
-            scaler.scale(loss * w).backward()
+            scaler.scale(objective * w).backward()
             step_loss += loss.detach() * counts[i] / total
         if ddp:
             dist.all_reduce(step_loss)
@@ -743,6 +793,8 @@ def main(argv=None):
             rate = tokens_since / dt
             t0, tokens_since = time.perf_counter(), 0
             rec = {"step": done, "loss": step_loss.item(), "lr": lr, "items_per_s": rate}
+            if taps is not None:
+                rec["log_kurtosis"] = step_penalty.item()
             log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
         if done % tc.eval_interval == 0 or done == tc.steps:

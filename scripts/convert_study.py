@@ -12,7 +12,9 @@ step s1, evaluate, --resume to s2, ...). A run is "<attention>:<pressure>":
               clipped (alpha --clip-alpha, gamma = -alpha / T)
   pressure    none (distillation alone: for softmax and gated the student starts equal to the teacher, so the loss
               and every gradient are zero and nothing moves) | ln-wd (appendix B.3's weight decay on the LayerNorm
-              gammas, here --ln-weight-decay strong enough to act within a few hundred steps)
+              gammas, here --ln-weight-decay strong enough to act within a few hundred steps) | kurt (not in the
+              paper: train.py's --outlier-penalty, lambda * mean log-kurtosis of every block's FFN output and
+              residual sums, --outlier-penalty here)
 
 Measured per segment: the FFN-output inf-norm and kurtosis per layer (train.py's evaluation), the fidelity of the
 FP model to the original (SQNR of the final hidden states, mean-pooled embedding cosine, neighbour agreement), and
@@ -42,7 +44,7 @@ from checkpoint import atomic_write, load_checkpoint  # noqa: E402
 
 ATTENTION = {"softmax": [], "gated": ["--attn-mode", "gated", "--gate-type", "linear"],
              "clipped": ["--attn-mode", "clipped"]}
-PRESSURES = ("none", "ln-wd")
+PRESSURES = ("none", "ln-wd", "kurt")
 TARGETS = {"ffn_cut": 5.0, "w8a8_cosine": 0.99, "fidelity_cosine": 0.95}
 
 
@@ -79,6 +81,8 @@ def train_flags(name: str, args) -> list[str]:
         flags += ["--clip-alpha", str(args.clip_alpha)]
     if pressure == "ln-wd":
         flags += ["--wd-ln-gamma", "true", "--ln-weight-decay", str(args.ln_weight_decay)]
+    if pressure == "kurt":
+        flags += ["--outlier-penalty", str(args.outlier_penalty)]
     return flags
 
 
@@ -216,7 +220,8 @@ def main(argv=None):
     ap.add_argument("--run", required=True, help="the pretrained model's run folder (real_model_study.py's <out>/run)")
     ap.add_argument("--out", default="runs/convert")
     ap.add_argument("--runs", nargs="+", default=["softmax:ln-wd", "gated:ln-wd", "clipped:none", "clipped:ln-wd"],
-                    help="attention:pressure pairs (attention: softmax | gated | clipped; pressure: none | ln-wd)")
+                    help="attention:pressure pairs (attention: softmax | gated | clipped; pressure: none | ln-wd | "
+                         "kurt)")
     ap.add_argument("--steps", type=int, default=300, help="training steps per run")
     ap.add_argument("--segment", type=int, default=150, help="evaluate with PTQ every N steps")
     ap.add_argument("--eval-interval", type=int, default=50, help="outliers and fidelity every N steps")
@@ -225,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--ln-weight-decay", type=float, default=100.0,
                     help="the ln-wd pressure: AdamW decay of the LayerNorm gammas (each step multiplies them by "
                          "1 - lr * this)")
+    ap.add_argument("--outlier-penalty", type=float, default=0.1,
+                    help="the kurt pressure: lambda of train.py's --outlier-penalty (mean log-kurtosis of every "
+                         "block's FFN output and residual sums)")
     ap.add_argument("--gate-init", type=float, default=0.5, help="gated: pi_init")
     ap.add_argument("--gate-lr", type=float, default=0.0, help="gated: the gates' own learning rate (0: --lr)")
     ap.add_argument("--clip-alpha", type=float, default=0.5, help="clipped: alpha (gamma = -alpha / T)")

@@ -121,3 +121,63 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     assert (out / "figures" / "curves.json").is_file()
     with pytest.raises(SystemExit, match="attention:pressure"):
         convert_study.main(["--run", str(encoder_run), "--runs", "gated"])
+    args = type("A", (), {"outlier_penalty": 0.3, "gate_init": 0.5, "gate_lr": 0.0, "clip_alpha": 0.5})
+    assert convert_study.train_flags("softmax:kurt", args) == ["--outlier-penalty", "0.3"]
+    assert convert_study.train_flags("gated:kurt", args)[-2:] == ["--outlier-penalty", "0.3"]
+
+
+def test_differentiable_kurtosis_matches_the_metric_and_its_gradient():
+    from metrics import kurtosis
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    x[0, 1, 2] = 9.0  # an outlier
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    torch.testing.assert_close(kurtosis(x, mask, grad=True).float(), kurtosis(x, mask))
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: kurtosis(t, mask, grad=True), (x,))
+    # a gradient step on the log kurtosis shrinks the outlier
+    kurtosis(x, mask, grad=True).log().sum().backward()
+    assert x.grad[0, 1, 2] > 0 and x.grad[1, 3:].abs().max() == 0  # padding gets no gradient
+
+
+def test_outlier_taps_tap_every_block_and_only_training_forwards(encoder_run):
+    model, cfg = model_from_checkpoint(load_checkpoint(str(encoder_run)))
+    taps = train.OutlierTaps(model)
+    assert len(taps.handles) == 3 * cfg.n_layers
+    ids = torch.randint(6, len(BERT_VOCAB), (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.train().forward_features(input_ids=ids)
+    model.eval().forward_features(input_ids=ids)
+    assert taps.outputs == []  # evaluations are not taxed
+    model.train()
+    rec = {}
+    model.forward_features(input_ids=ids, record=rec)
+    assert len(taps.outputs) == 3 * cfg.n_layers
+    from metrics import kurtosis
+    names = [f"blocks.{i}.{n}" for i in range(cfg.n_layers) for n in ("attn_residual_sum", "ffn_out",
+                                                                          "ffn_residual_sum")]
+    expected = torch.stack([kurtosis(rec[n]).log().mean() for n in names]).mean()
+    penalty = taps.penalty()
+    torch.testing.assert_close(penalty.detach(), expected, rtol=1e-4, atol=1e-4)
+    penalty.backward()
+    assert model.blocks[0].fc2.weight.grad.abs().sum() > 0
+    taps.clear()
+    with pytest.raises(RuntimeError, match="no forward"):
+        taps.penalty()
+
+
+def test_outlier_penalty_in_training(encoder_run, tmp_path):
+    common = ["--init-from", str(encoder_run), "--distill-from", str(encoder_run), "--steps", "6", "--batch-size",
+              "4", "--lr", "3e-3", "--warmup-steps", "0", "--eval-interval", "6", "--eval-batches", "1",
+              "--eval-batch-size", "4", "--ckpt-interval", "6", "--log-interval", "1", "--quiet", "--dropout", "0",
+              "--attn-dropout", "0"]
+    out = tmp_path / "kurt"
+    train.main([*common, "--outlier-penalty", "1", "--out", str(out)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "log_kurtosis" in r]
+    assert len(steps) == 6 and steps[-1]["log_kurtosis"] < steps[0]["log_kurtosis"]
+    assert steps[0]["loss"] < 1e-9 < steps[-1]["loss"]  # the loss logged is the distillation's alone
+    assert load_checkpoint(str(out))["train_config"]["outlier_penalty"] == 1
+    with pytest.raises(SystemExit, match="outlier_penalty"):
+        train.main([*common, "--outlier-penalty", "-1", "--out", str(tmp_path / "bad")])
