@@ -450,7 +450,7 @@ class FastActQuantizer(nn.Module):
         if not (torch.is_tensor(x) and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):
             return self.original(x)
         z = self.zero_point
-        return torch.round(x * self.inv_scale).clamp_(self.qmin - z, self.qmax - z).mul_(self.scale)
+        return (x * self.inv_scale).round_().clamp_(self.qmin - z, self.qmax - z).mul_(self.scale)  # one new tensor
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):.4g}, zero_point={self.zero_point}, grid=[{self.qmin}, {self.qmax}]"
