@@ -26,7 +26,9 @@ same grid as in the simulation. Two kernels compute it (`KERNELS`):
              with saturation (vpmaddubsw), which full 8-bit grids can overflow; `engine_probe` detects this with
              two tiny products, and then the input columns are re-paired so that no pair can overflow in any
              row (same sign and q_max(x) (|q_w0| + |q_w1|) > 32767); a column without a safe partner is read
-             twice with its weight split in two halves (`_pair_columns`). The accumulator is exact.
+             twice with its weight split in two halves (`_pair_columns`). The accumulator is exact. Layers
+             that read one activation quantizer's output (Q, K, V) are paired together and quantize that
+             input once (`_share_input`).
   "int_mm"   `torch._int_mm` (int8 x int8 -> int32, exact), the zero point as the correction term
              z'_x * rowsum(q_w) (precomputed), the rescale s_x s_w[n] and the bias one float multiply-add, then
              the output quantizer in float. Fast on CUDA and on CPUs with VNNI / AMX (oneDNN); without VNNI torch
@@ -52,6 +54,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -285,15 +288,18 @@ class Int8Linear(nn.Module):
         return (isinstance(q, ActQuantizer) and q.enabled and not q.observing and q.scale is not None
                 and q.qmin >= 0 and q.qmax <= 255)
 
-    def _pack(self, engine: str) -> None:
-        """Prepack the weight for torch's quantized engine (ValueError if it cannot compute this layer exactly)."""
+    def _pack(self, engine: str, pairing: tuple | None = None) -> None:
+        """Prepack the weight for torch's quantized engine (ValueError if it cannot compute this layer exactly).
+        `pairing`: (columns, packed codes) to use instead of this weight's own `_pair_columns` (`_share_input`)."""
         probe = engine_probe(engine)
         if not probe["usable"]:
             raise ValueError(f"Int8Linear: {probe['why']}")
         if self.weight_codes.device.type != "cpu":
             raise ValueError("Int8Linear: torch's quantized engine runs on the CPU only")
         columns, codes = None, self.weight_codes
-        if probe["pairs_saturate"]:
+        if pairing is not None:
+            columns, codes = pairing
+        elif probe["pairs_saturate"]:
             columns, codes = _pair_columns_cached(self.weight_codes, self.in_qmax)
         if not self._requantizes() and not probe["float_out"]:
             raise ValueError(f"Int8Linear: no 8-bit output quantizer: the float-output static op is needed, which "
@@ -303,6 +309,7 @@ class Int8Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(_qtensor(codes, self.w_scale, 0, axis), self.bias)
         self.columns = columns  # None, or (K',) long: the input columns the packed weight reads, in order
         self.kernel, self.engine = "qengine", engine
+        self._shared = None  # a _SharedInput when other layers read the same input in the same order
         self._s_in, self._z_in = float(self.in_scale), int(self.in_zero)
         q = self.output_quantizer
         self._out = (float(q.scale), int(q.zero_point), q.qmin, q.qmax) if self._requantizes() else None
@@ -324,19 +331,36 @@ class Int8Linear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return self.output_quantizer(y) if self.output_quantizer is not None else y
 
-    def _forward_qengine(self, x: torch.Tensor) -> torch.Tensor:
+    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) float on the input grid -> (M, K') quint8 codes in the packed weight's column order; taken
+        from the _SharedInput when a layer with the same input grid and column order has just quantized this
+        very tensor (same object, unchanged since: its version counter)."""
+        shared = self._shared
+        if shared is not None:
+            ref, version, qx = shared.last  # one read: (weakref to the input, its version, its codes)
+            if ref() is x and version == x._version:
+                return qx
         x2 = x.reshape(-1, self.in_features).float()  # (M, K), on the input grid
         if self.columns is not None:
             x2 = x2.index_select(1, self.columns)  # (M, K'): the input in the packed weight's column order
+        qx = torch.quantize_per_tensor(x2, self._s_in, self._z_in, torch.quint8)
+        if shared is not None:
+            shared.last = (weakref.ref(x), x._version, qx)
+        return qx
+
+    def _forward_qengine(self, x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantize.*deprecated")
             if self._out is not None:  # the engine requantizes: one op in, one op out
                 s, z, qmin, qmax = self._out
-                qx = torch.quantize_per_tensor(x2, self._s_in, self._z_in, torch.quint8)
+                qx = self._input_codes(x)
                 y = torch.ops.quantized.linear(qx, self._packed, s, z).dequantize()
                 if qmin > 0 or qmax < 255:  # a grid narrower than quint8's: clip as the simulation does
                     y.clamp_((qmin - z) * s, (qmax - z) * s)
                 return y.reshape(*x.shape[:-1], self.out_features)
+            x2 = x.reshape(-1, self.in_features).float()  # (M, K), on the input grid
+            if self.columns is not None:
+                x2 = x2.index_select(1, self.columns)  # (M, K'): the input in the packed weight's column order
             y = _float_out_op()(x2, self._s_in, self._z_in, self._packed)  # acc s_x s_w + b, float32
         y = y.reshape(*x.shape[:-1], self.out_features)
         return self.output_quantizer(y) if self.output_quantizer is not None else y
@@ -425,6 +449,40 @@ def _pair_columns(codes: torch.Tensor, in_qmax: int):
     return columns, packed.to(torch.int8)
 
 
+class _SharedInput:
+    """The input codes last computed by one of several Int8Linear layers that read the same tensor on the same
+    grid in the same column order (Q, K and V read one LayerNorm output): `last` = (weakref to that input, its
+    version counter, its quint8 codes), replaced as a whole so that a reader sees one consistent triple."""
+
+    def __init__(self):
+        self.last = (lambda: None, -1, None)
+
+
+def _share_input(layers: list) -> bool:
+    """Let qengine layers that read the output of one activation quantizer quantize that input once: one
+    pairing of the input columns for all (`_pair_columns` on their stacked weights: a pair that cannot overflow
+    in any row of any of them), so that one index_select and one quantize_per_tensor serve every layer. Kept only
+    if the shared pairing reads at most 1% more columns than the largest own pairing (the GEMMs would grow).
+    Returns whether the layers now share their input."""
+    first = layers[0]
+    same = all(m.kernel == "qengine" and m._out is not None and m.engine == first.engine
+               and m.in_features == first.in_features and (m._s_in, m._z_in, m.in_qmin, m.in_qmax)
+               == (first._s_in, first._z_in, first.in_qmin, first.in_qmax) for m in layers)
+    if len(layers) < 2 or not same:
+        return False
+    if any(m.columns is not None for m in layers):
+        columns, packed = _pair_columns_cached(torch.cat([m.weight_codes for m in layers]), first.in_qmax)
+        own = max(len(m.columns) if m.columns is not None else m.in_features for m in layers)
+        if columns is not None and len(columns) > own + first.in_features // 100:
+            return False
+        for m, codes in zip(layers, packed.split([m.out_features for m in layers])):
+            m._pack(m.engine, pairing=(columns, codes.contiguous()) if columns is not None else (None, m.weight_codes))
+    shared = _SharedInput()
+    for m in layers:
+        m._shared = shared
+    return True
+
+
 # ================================================================================= the other activation grids
 
 class FastActQuantizer(nn.Module):
@@ -499,7 +557,10 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto", 
     Returns (imodel, report) with report = {"int8": [layer names], "simulated": {layer name: why},
     "kernel": the kernel chosen, "kernel_why": why, "engine": the quantized engine or None, "engine_why": why,
     "kernels": {layer name: kernel}, "int_mm_because": {layer name: why}, "cpu": cpu_info(),
-    "fast_act_quantizers": how many other activation quantizers now run on torch's quantize kernel}.
+    "shared_input": {input quantizer name: [the qengine layers that quantize that input once, together]},
+    "fast_act_quantizers": how many other activation quantizers now run as FastActQuantizer}.
+    Quantized-engine layers that read the same activation quantizer's output (Q, K, V) share one pairing of the
+    input columns and one quantized copy of the input (`_share_input`).
     Every other frozen activation quantizer (the grids of LayerNorm outputs, residual sums, attention scores,
     probabilities and context, GELU outputs) becomes a FastActQuantizer where it is bit-identical to the
     simulation's.
@@ -518,7 +579,8 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto", 
     sources = linear_input_quantizers(imodel, batch, forward_fn)
     report = {"int8": [], "simulated": {}, "kernel": chosen, "kernel_why": why, "engine": engine,
               "engine_why": engine_why, "kernels": {},
-              "int_mm_because": {}, "cpu": cpu_info()}
+              "int_mm_because": {}, "cpu": cpu_info(), "shared_input": {}}
+    readers: dict = {}  # input quantizer name -> [Int8Linear]
     for name, lin in quantized_linears(imodel):
         wq = lin.parametrizations.weight[0]
         src = sources.get(name)
@@ -540,6 +602,10 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto", 
             setattr(imodel.get_submodule(parent_name), child, layer)
             report["int8"].append(name)
             report["kernels"][name] = layer.kernel
+            readers.setdefault(src[0], []).append((name, layer))
+    for src_name, group in readers.items():
+        if len(group) > 1 and _share_input([layer for _, layer in group]):
+            report["shared_input"][src_name] = [name for name, _ in group]
     report["fast_act_quantizers"] = _fast_act_quantizers(imodel)
     return imodel, report
 

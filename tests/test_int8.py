@@ -390,3 +390,86 @@ def test_to_int8_swaps_the_activation_quantizers_of_the_float_parts():
     assert report["fast_act_quantizers"] == n_act == sum(isinstance(m, int8.FastActQuantizer) for m in im.modules())
     x = torch.randn(2, 3, 16)
     assert torch.equal(im[0](x), qm[0](x)) and torch.equal(im[4](x), qm[4](x))
+
+
+class _ThreeReaders(nn.Module):
+    """Q, K and V of one LayerNorm output, as in attention."""
+
+    def __init__(self, d: int = 64, uniform: bool = False):
+        super().__init__()
+        self.ln, self.q, self.k, self.v = nn.LayerNorm(d), nn.Linear(d, 32), nn.Linear(d, 48), nn.Linear(d, 32)
+        if uniform:  # weights with many pairs that can overflow an int16 pair sum
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for lin in (self.q, self.k, self.v):
+                    lin.weight.uniform_(-1, 1, generator=g)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return torch.cat([self.q(h), self.k(h), self.v(h)], dim=-1)
+
+
+def _shared_and_alone(net, xs, engine):
+    """(integer model whose q, k, v share their input, the same without the sharing, its report)."""
+    qm = _calibrated(net, xs)
+    im, report = int8.to_int8(qm, xs[0], kernel="qengine", engine=engine)
+    share = int8._share_input
+    try:
+        int8._share_input = lambda layers: False
+        alone, _ = int8.to_int8(qm, xs[0], kernel="qengine", engine=engine)
+    finally:
+        int8._share_input = share
+    return im, alone, report
+
+
+@pytest.mark.parametrize("kernel", KERNELS[1:], indirect=True)
+def test_layers_reading_one_input_quantize_it_once(kernel):
+    """Q, K and V read one LayerNorm output: quantized once, the same outputs bit for bit as three separate
+    quantizations; the shared codes are not reused for another tensor, nor after the input changed in place."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 8, 64, generator=g) * 3 for _ in range(3)]
+    im, alone, report = _shared_and_alone(_ThreeReaders(), xs, _engine_of(kernel))
+    assert report["shared_input"] == {"ln.output_quantizer": ["q", "k", "v"]}
+    assert im.q._shared is im.k._shared is im.v._shared is not None and alone.q._shared is None
+    with torch.no_grad():
+        x = torch.randn(2, 8, 64, generator=g) * 3
+        assert torch.equal(im(x), alone(x))
+        h = im.ln(x)
+        qa = im.q(h)
+        h2 = h.clone()
+        h.mul_(-1.0)  # in place: the version counter moves, the codes are recomputed
+        assert torch.equal(im.k(h), alone.k(h)) and torch.equal(im.v(h2), alone.v(h2))
+        assert torch.equal(qa, alone.q(h2)) and not torch.equal(im.q(h), qa)
+
+
+_SHARED_AVX2_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+import int8
+from test_int8 import _ThreeReaders, _shared_and_alone
+torch.set_num_threads(1)
+print("SATURATES" if int8.engine_probe("fbgemm")["pairs_saturate"] else "EXACT")
+g = torch.Generator().manual_seed(0)
+xs = [torch.randn(4, 8, 64, generator=g) * 3 for _ in range(3)]
+im, alone, report = _shared_and_alone(_ThreeReaders(uniform=True), xs, "fbgemm")
+x = torch.randn(4, 8, 64, generator=g) * 3
+with torch.no_grad():
+    print(sorted(report["shared_input"]), im.q.columns is not None and im.q.columns is im.v.columns,
+          torch.equal(im(x), alone(x)))
+"""
+
+
+def test_shared_input_with_paired_columns_under_saturating_fbgemm():
+    """FBGEMM forced to AVX2, in a subprocess: Q, K and V get one pairing of the input columns, safe for all
+    three weights, and give the same outputs bit for bit as with each layer's own pairing."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no FBGEMM")
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", _SHARED_AVX2_SCRIPT, REPO], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, last = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    if first != "SATURATES":
+        pytest.skip(f"FBGEMM_ENABLE_INSTRUCTIONS=AVX2 did not give a saturating FBGEMM here ({first})")
+    assert last == "['ln.output_quantizer'] True True"
