@@ -558,7 +558,9 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto", 
     "kernel": the kernel chosen, "kernel_why": why, "engine": the quantized engine or None, "engine_why": why,
     "kernels": {layer name: kernel}, "int_mm_because": {layer name: why}, "cpu": cpu_info(),
     "shared_input": {input quantizer name: [the qengine layers that quantize that input once, together]},
-    "fast_act_quantizers": how many other activation quantizers now run as FastActQuantizer}.
+    "fast_act_quantizers": how many other activation quantizers now run as FastActQuantizer,
+    "engine_requantizes": how many qengine layers requantize their output in the engine (their output quantizer,
+    swapped too, is then not called)}.
     Quantized-engine layers that read the same activation quantizer's output (Q, K, V) share one pairing of the
     input columns and one quantized copy of the input (`_share_input`).
     Every other frozen activation quantizer (the grids of LayerNorm outputs, residual sums, attention scores,
@@ -607,6 +609,8 @@ def to_int8(qmodel: nn.Module, batch, forward_fn=None, *, kernel: str = "auto", 
         if len(group) > 1 and _share_input([layer for _, layer in group]):
             report["shared_input"][src_name] = [name for name, _ in group]
     report["fast_act_quantizers"] = _fast_act_quantizers(imodel)
+    report["engine_requantizes"] = sum(isinstance(m, Int8Linear) and m.kernel == "qengine" and m._out is not None
+                                       for m in imodel.modules())
     return imodel, report
 
 
@@ -625,6 +629,11 @@ def kernel_line(report: dict) -> str:
     else:
         what = "torch._int_mm"
     n_run = n_q if report["kernel"] == "qengine" else n
-    return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_run} of {n} linear layers on {what}; "
-            f"{cpu}; float: {', '.join(FLOAT_PARTS)} (their "
-            f"{report.get('fast_act_quantizers', 0)} activation quantizers in 4 float passes instead of 6)")
+    n_fast, n_engine = report.get("fast_act_quantizers", 0), report.get("engine_requantizes", 0)
+    shared = report.get("shared_input", {})
+    once = (f"; {len(shared)} input{'s' * (len(shared) > 1)} quantized once for the "
+            f"{sum(map(len, shared.values()))} layers that read {'them' if len(shared) > 1 else 'it'}" if shared else "")
+    return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_run} of {n} linear layers on {what}"
+            f"{once}; {cpu}; float: {', '.join(FLOAT_PARTS)} (their {n_fast - n_engine} activation quantizers in 4 "
+            f"float passes instead of 6" + (f"; {n_engine} layer outputs requantized in the engine)" if n_engine
+                                             else ")"))

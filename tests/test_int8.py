@@ -431,6 +431,9 @@ def test_layers_reading_one_input_quantize_it_once(kernel):
     im, alone, report = _shared_and_alone(_ThreeReaders(), xs, _engine_of(kernel))
     assert report["shared_input"] == {"ln.output_quantizer": ["q", "k", "v"]}
     assert im.q._shared is im.k._shared is im.v._shared is not None and alone.q._shared is None
+    line = int8.kernel_line(report)
+    assert "1 input quantized once for the 3 layers that read it" in line
+    assert "their 1 activation quantizers in 4 float passes instead of 6; 3 layer outputs requantized" in line
     with torch.no_grad():
         x = torch.randn(2, 8, 64, generator=g) * 3
         assert torch.equal(im(x), alone(x))
