@@ -19,7 +19,8 @@ step s1, evaluate, --resume to s2, ...). A run is "<attention>:<pressure>":
 Measured per segment: the FFN-output inf-norm and kurtosis per layer (train.py's evaluation), the fidelity of the
 FP model to the original (SQNR of the final hidden states, mean-pooled embedding cosine, neighbour agreement), and
 eval_ptq.py at W8A8 / W8A6 with 8-bit per-channel weights and the paper's per-tensor activations; at the end also
-the paper's per-tensor W8A8, and the final point over --ptq-seeds. The original model is evaluated the same way
+the paper's per-tensor W8A8, the final point over --ptq-seeds, and the final model on text no run trained on
+(--check-data: fidelity to the original and W8A8 there). The original model is evaluated the same way
 (step 0). Writes <out>/report.md, results.json and figures/curves.png (matplotlib optional).
 
 Targets (an hour of 2 CPU cores per run): FFN-output max inf-norm >= 5x below the original's, W8A8 (per-channel
@@ -58,10 +59,12 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def ptq(run_dir: Path, out: Path, args, per_channel: bool, bits: list[str], seeds: list[int]) -> dict:
-    """eval_ptq.py on a run: SQNR, embedding cosine and neighbour agreement of the final hidden states."""
+def ptq(run_dir: Path, out: Path, args, per_channel: bool, bits: list[str], seeds: list[int], data: str = "") -> dict:
+    """eval_ptq.py on a run: SQNR, embedding cosine and neighbour agreement of the final hidden states (on `data`,
+    calibrated on it too; default: the run's own data)."""
     out.mkdir(parents=True, exist_ok=True)
     run([sys.executable, str(ROOT / "eval_ptq.py"), str(run_dir), "--bits", *bits, "--seeds", *map(str, seeds),
+         *(["--data", data] if data else []),
          "--eval-batches", str(args.eval_batches), "--eval-batch-size", str(args.eval_batch_size),
          "--calib-batches", str(args.calib_batches), "--calib-batch-size", "16", "--quiet", "--out", str(out),
          *(["--weight-per-channel"] if per_channel else [])], out / "log.txt")
@@ -70,6 +73,25 @@ def ptq(run_dir: Path, out: Path, args, per_channel: bool, bits: list[str], seed
     return {"ffn_inf_norm": ffn[0] if ffn else None, "kurtosis_ffn": r["fp"].get("kurtosis/ffn_out"),
             **{b: {k: r["ptq"][b][k]["mean"] for k in ("sqnr_db", "embedding_cosine", "neighbour_agreement")}
                | {"cosine_std": r["ptq"][b]["embedding_cosine"]["std"]} for b in bits}}
+
+
+def unseen_text(run_dir: Path, args, out: Path) -> dict:
+    """The final model on text no run trained on (--check-data): its fidelity to the original (train.fidelity) and
+    its own W8A8 (per-channel weights; calibrated and evaluated on that text, PTQ seed 0). Cached in out."""
+    cache = out / "unseen.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import train  # noqa: E402  (the training code's fidelity and teacher loading, in this process)
+    from data import Task  # noqa: E402
+    from model import model_from_checkpoint  # noqa: E402
+    ck = load_checkpoint(str(run_dir))
+    model, cfg = model_from_checkpoint(ck)
+    task = Task.for_run(cfg, str(run_dir), ck["train_config"], args.check_data)
+    teacher = train.load_teacher(str(args.run), cfg, task.tokenizer, torch.device("cpu"))
+    r = train.fidelity(model, teacher, task, args.eval_batch_size, args.eval_batches, torch.device("cpu"))
+    r["W8A8"] = ptq(run_dir, out, args, True, ["W8A8"], args.ptq_seeds[:1], args.check_data)["W8A8"]
+    atomic_write(cache, json.dumps(r))
+    return r
 
 
 def train_flags(name: str, args) -> list[str]:
@@ -116,13 +138,15 @@ def study_run(name: str, args, out: Path) -> dict:
             p["per_tensor"] = ptq(folder, folder / f"ptq-pt-step{end}", args, False, ["W8A8"], args.ptq_seeds)["W8A8"]
         atomic_write(folder / f"point-{end}.json", json.dumps(p))
         points.append(p)
+    unseen = unseen_text(folder, args, folder / "unseen") if args.check_data else None
     curve = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     curve = [{k: r[k] for k in ("step", "max_inf_norm/ffn_out", "kurtosis/ffn_out", "fidelity_cosine",
                                 "fidelity_sqnr_db", "fidelity_neighbours") if k in r}
              for r in curve if "fidelity_cosine" in r]
     losses = [(r["step"], r["loss"]) for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines())
               if "loss" in r]
-    return {"name": name, "flags": train_flags(name, args), "points": points, "curve": curve, "losses": losses}
+    return {"name": name, "flags": train_flags(name, args), "points": points, "curve": curve, "losses": losses,
+            "unseen": unseen}
 
 
 def original_point(args, out: Path) -> dict:
@@ -170,6 +194,13 @@ def write_report(out: Path, res: dict) -> None:
                      f"{c.get('fidelity_sqnr_db', float('nan')):.1f} | {p['W8A8']['embedding_cosine']:.4f} | "
                      f"{p['W8A8']['sqnr_db']:.1f} | {p['W8A6']['embedding_cosine']:.4f} | "
                      + (f"{p['per_tensor']['embedding_cosine']:.4f}" if "per_tensor" in p else "") + f" | {ok} |")
+    if o.get("unseen"):
+        L += ["", f"On text no run trained on (`{res['args']['check_data']}`), the final models: fidelity to the "
+              "original there, and their own W8A8 (per-channel weights) calibrated and evaluated there (PTQ seed 0).",
+              "", "| run | fidelity cosine | fidelity neighbours | W8A8 cosine | W8A8 SQNR (dB) |", "|---|---|---|---|---|"]
+        for name, u in [("original", o["unseen"])] + [(r["name"], r["unseen"]) for r in res["runs"] if r.get("unseen")]:
+            L.append(f"| {name} | {u['fidelity_cosine']:.4f} | {u['fidelity_neighbours']:.1%} | "
+                     f"{u['W8A8']['embedding_cosine']:.4f} | {u['W8A8']['sqnr_db']:.1f} |")
     L.append("")
     L.append(f"Targets: FFN-output max inf-norm cut >= {TARGETS['ffn_cut']:g}x, W8A8 cosine >= "
              f"{TARGETS['w8a8_cosine']}, fidelity cosine >= {TARGETS['fidelity_cosine']}.\n")
@@ -240,6 +271,9 @@ def main(argv=None):
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--ptq-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--check-data", default="builtin",
+                    help="text no run trains on, for the final models' fidelity and W8A8 (default builtin: the "
+                         "standard library's docstrings; '': skip)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -260,6 +294,8 @@ def main(argv=None):
     if original is None:
         original = original_point(args, out)
         atomic_write(out / "original.json", json.dumps(original))
+    if args.check_data and "unseen" not in original:
+        original["unseen"] = unseen_text(Path(args.run), args, out / "original-unseen")
     runs = []
     for name in args.runs:
         r = study_run(name, args, out)

@@ -118,6 +118,10 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     assert set(gated["checks"]) >= {"ffn_cut", "ffn_cut_ok", "w8a8_cosine_ok", "fidelity_ok"}
     text = (out / "report.md").read_text()
     assert "| original | 0 |" in text and "| gated:ln-wd | 4 |" in text and "targets met" in text
+    # the final model on text no run trained on: fidelity to the original and its own W8A8 there
+    assert 0 < gated["unseen"]["fidelity_cosine"] < 1 and res["original"]["unseen"]["fidelity_cosine"] > 0.9999
+    assert -1 <= gated["unseen"]["W8A8"]["embedding_cosine"] <= 1
+    assert "On text no run trained on (`builtin`)" in text
     assert (out / "figures" / "curves.json").is_file()
     with pytest.raises(SystemExit, match="attention:pressure"):
         convert_study.main(["--run", str(encoder_run), "--runs", "gated"])
