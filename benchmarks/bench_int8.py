@@ -15,6 +15,9 @@ each, the median reported, and the ratio to FP32):
           --preset bert-base): the FP32 model, its simulated W8A8 copy and its integer copy on each kernel
           (int8.to_int8(..., kernel=...))
 
+--profile adds torch.profiler's table of one batch per variant of the model timing: the GEMMs (aten::addmm,
+quantized::linear, aten::_int_mm) against everything else (the float parts), as a share of the forward.
+
 Weight memory counts the bytes a layer must keep to compute: FP32 weights, or int8 codes + scales + row sums.
 --no-onednn turns oneDNN off (torch.backends.mkldnn), so torch._int_mm runs the plain loop torch uses on a CPU
 without AVX-512 VNNI: with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 it emulates an AVX2 machine on a newer one.
@@ -154,8 +157,25 @@ def bench_layers(batch: int, rounds: int, kernels) -> None:
               f"{weight_bytes(next(iter(ims.values()))) / 2**20 if ims else 0:.2f} MiB{extra}")
 
 
+GEMM_OPS = ("aten::addmm", "aten::mm", "quantized::linear", "aten::_int_mm")
+
+
+def profile_forward(name: str, fn, rows: int = 12) -> None:
+    """torch.profiler on fn(): the GEMMs' share of the self CPU time, then the top `rows` ops."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    print(f"\n  profile, {_name(name)}: {total / 1e3:.0f} ms self CPU, GEMMs {gemm / 1e3:.0f} ms ({gemm / total:.0%}), "
+          f"the rest {(total - gemm) / 1e3:.0f} ms ({1 - gemm / total:.0%})")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        print(f"    {e.key:<48} {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:4d} calls")
+
+
 @torch.no_grad()
-def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels) -> None:
+def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels, profile: bool = False) -> None:
     cfg = get_config(preset)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -166,10 +186,10 @@ def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels) -
     def run(m):
         return lambda: [m.forward_features(**b) for b in data]
 
-    fns, reports = {"fp32": run(model), "sim": run(qm)}, {}
+    fns, reports, integer = {"fp32": run(model), "sim": run(qm)}, {}, {}
     for key, kern, engine in _variants(kernels):
         im, reports[key] = int8.to_int8(qm, data[0], lambda m, b: m(**b), kernel=kern, engine=engine)
-        fns[key] = run(im)
+        fns[key], integer[key] = run(im), im
     t = interleaved(fns, rounds)
     rep = next(iter(reports.values()), {"int8": [], "simulated": {}})
     print(f"\n{preset} forward pass (to the final hidden states), {n_batches} batches of {batch} x "
@@ -181,6 +201,10 @@ def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels) -
     if reports:
         print(f"  linear-layer weights: FP32 {weight_bytes(model) / 2**20:.1f} MiB, integer "
               f"{weight_bytes(im) / 2**20:.1f} MiB (the FP32 LM head, tied to the word embedding, is not counted)")
+    if profile:
+        models = {"fp32": model, "sim": qm, **integer}
+        for key, m in models.items():
+            profile_forward(key, lambda m=m: m.forward_features(**data[0]))
 
 
 def main():
@@ -199,6 +223,8 @@ def main():
                     help="turn oneDNN off, so torch._int_mm runs the plain loop a CPU without VNNI gets (emulation)")
     ap.add_argument("--skip-layers", action="store_true", help="only the whole-model timing")
     ap.add_argument("--skip-model", action="store_true", help="only the per-layer timing")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the model timing, torch.profiler on one batch per variant: GEMMs vs the float parts")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,7 +240,7 @@ def main():
     if not args.skip_layers:
         bench_layers(args.batch_size, args.rounds, kernels)
     if not args.skip_model:
-        bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels)
+        bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels, args.profile)
 
 
 if __name__ == "__main__":
