@@ -631,8 +631,11 @@ def kernel_line(report: dict) -> str:
     n_run = n_q if report["kernel"] == "qengine" else n
     n_fast, n_engine = report.get("fast_act_quantizers", 0), report.get("engine_requantizes", 0)
     shared = report.get("shared_input", {})
-    once = (f"; {len(shared)} input{'s' * (len(shared) > 1)} quantized once for the "
-            f"{sum(map(len, shared.values()))} layers that read {'them' if len(shared) > 1 else 'it'}" if shared else "")
+    once = ""
+    if shared:
+        many = len(shared) > 1
+        once = (f"; {len(shared)} input{'s' * many} quantized once for the {sum(map(len, shared.values()))} layers "
+                f"that read {'them' if many else 'it'}")
     return (f"integer kernel: {report['kernel']} [{report['kernel_why']}] -- {n_run} of {n} linear layers on {what}"
             f"{once}; {cpu}; float: {', '.join(FLOAT_PARTS)} (their {n_fast - n_engine} activation quantizers in 4 "
             f"float passes instead of 6" + (f"; {n_engine} layer outputs requantized in the engine)" if n_engine
