@@ -127,7 +127,7 @@ def study_run(name: str, args, out: Path) -> dict:
                    "--dropout", "0", "--attn-dropout", "0", "--batch-size", str(args.batch_size), "--lr",
                    str(args.lr), "--schedule", "constant", "--warmup-steps", "0", "--weight-decay", "0.01",
                    "--eval-interval", str(args.eval_interval), "--eval-batches", "2", "--eval-batch-size", "32",
-                   "--ckpt-interval", str(args.segment), "--log-interval", "10", "--seed", "0", "--out",
+                   "--ckpt-interval", str(args.segment), "--log-interval", "10", "--seed", str(args.seed), "--out",
                    str(folder), *common]
         seconds += run([sys.executable, str(ROOT / "train.py"), *cmd], log)
         final = i == len(ends) - 1
@@ -168,7 +168,7 @@ def write_report(out: Path, res: dict) -> None:
     L = ["# Converting a pretrained encoder: gated attention / clipped softmax by continued training\n",
          f"Command: `{res['command']}`  ",
          f"Pretrained run: `{res['run']}`; distillation on the final hidden states, batch {res['args']['batch_size']}, "
-         f"lr {res['args']['lr']} (constant), no dropout, seed 0; PTQ: {res['args']['eval_batches']} x "
+         f"lr {res['args']['lr']} (constant), no dropout, training seed {res['args'].get('seed', 0)}; PTQ: {res['args']['eval_batches']} x "
          f"{res['args']['eval_batch_size']} validation sequences, {res['args']['calib_batches']} x 16 calibration "
          f"sequences, final points over PTQ seeds {res['args']['ptq_seeds']}  ",
          f"Machine: {res['machine']}; {res['minutes']:.1f} min in all\n",
@@ -241,7 +241,7 @@ def draw(out: Path, res: dict) -> list[str]:
         a.set_xlabel("training step")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Conversion by distillation of {Path(res['run']).parent.name} on {res['data']}: "
-                 f"seed 0, PTQ seeds {res['args']['ptq_seeds']} at the end (dashed: targets)", fontsize=10)
+                 f"training seed {res['args'].get('seed', 0)}, PTQ seeds {res['args']['ptq_seeds']} at the end (dashed: targets)", fontsize=10)
     fig.savefig(figdir / "curves.png", dpi=120)
     return ["curves.png"]
 
@@ -271,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--ptq-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seed", type=int, default=0, help="training seed (init of new parameters, batch order)")
     ap.add_argument("--check-data", default="builtin",
                     help="text no run trains on, for the final models' fidelity and W8A8 (default builtin: the "
                          "standard library's docstrings; '': skip)")
