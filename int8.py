@@ -280,6 +280,17 @@ class Int8Linear(nn.Module):
         return cls(codes, wq.scale, linear.bias, in_quantizer.scale, in_quantizer.zero_point, in_quantizer.qmin,
                    in_quantizer.qmax, getattr(linear, "output_quantizer", None), kernel=kernel, engine=engine)
 
+    def __deepcopy__(self, memo):
+        """A copy whose packed weight is repacked for this layer's engine (a packed weight is copied by unpacking and
+        prepacking it again, for torch.backends.quantized.engine: another engine than the one the column pairing
+        was made for could give a different, saturating, kernel)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        with _engine(self.engine or torch.backends.quantized.engine):
+            for k, v in self.__dict__.items():
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
     # ------------------------------------------------------------------------------------------ qengine set-up
     def _requantizes(self) -> bool:
         """The engine can requantize this layer's output itself: an enabled, calibrated output quantizer on an

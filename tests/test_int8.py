@@ -476,3 +476,37 @@ def test_shared_input_with_paired_columns_under_saturating_fbgemm():
     if first != "SATURATES":
         pytest.skip(f"FBGEMM_ENABLE_INSTRUCTIONS=AVX2 did not give a saturating FBGEMM here ({first})")
     assert last == "['ln.output_quantizer'] True True"
+
+
+_COPY_SCRIPT = r"""
+import copy, sys, torch
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+import int8
+from test_int8 import _ThreeReaders, _calibrated
+torch.set_num_threads(1)
+torch.backends.quantized.engine = "x86"
+ok = int8.engine_probe("onednn")
+print("CASE" if int8.engine_probe("x86")["pairs_saturate"] and ok["usable"] and not ok["pairs_saturate"] else "NO")
+g = torch.Generator().manual_seed(0)
+xs = [torch.randn(4, 8, 64, generator=g) * 3 for _ in range(3)]
+im, _ = int8.to_int8(_calibrated(_ThreeReaders(uniform=True), xs), xs[0], kernel="qengine", engine="onednn")
+x = torch.randn(4, 8, 64, generator=g) * 3
+with torch.no_grad():
+    print(torch.equal(copy.deepcopy(im)(x), im(x)))
+"""
+
+
+def test_a_copy_repacks_for_the_layers_engine():
+    """A deep copy repacks each packed weight for the layer's own engine, not the global one: oneDNN (exact, no
+    pairing) copied while the global engine is FBGEMM forced to AVX2 (saturating pairs) computes the same."""
+    if not {"x86", "onednn"} <= set(torch.backends.quantized.supported_engines):
+        pytest.skip("this torch lacks the x86 or the onednn engine")
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", _COPY_SCRIPT, REPO], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, last = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    if first != "CASE":
+        pytest.skip("needs oneDNN exact (VNNI / AMX) next to FBGEMM forced to saturating AVX2")
+    assert last == "True"
