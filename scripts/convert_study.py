@@ -236,7 +236,9 @@ def draw(out: Path, res: dict) -> list[str]:
     axes[2].set_ylabel("W8A8 (per-channel W) embedding cosine")
     axes[2].axhline(TARGETS["w8a8_cosine"], color="k", ls="--", lw=1)
     axes[3].set_ylabel("distillation loss (relative sq. error)")
-    axes[3].set_yscale("symlog", linthresh=1e-4)
+    vals = [v for r in res["runs"] for _, v in r["losses"]]
+    if vals and (min(vals) <= 0 or max(vals) / min(vals) > 100):  # zeros or decades: symlog, else linear ticks
+        axes[3].set_yscale("symlog", linthresh=1e-4)
     for a in axes:
         a.set_xlabel("training step")
     axes[0].legend(fontsize=7)
