@@ -248,7 +248,53 @@ def draw(out: Path, res: dict) -> list[str]:
     return ["curves.png"]
 
 
+def seed_table(outs: list[str]) -> str:
+    """The final points of the same runs over training seeds (one study folder per seed): per run and seed, and
+    mean +- std over seeds (sample std)."""
+    studies = [json.loads((Path(o) / "results.json").read_text()) for o in outs]
+    cols = [("FFN-out max inf-norm", lambda r, p: p["ffn_inf_norm"], "{:.1f}"),
+            ("fidelity cosine", lambda r, p: r["curve"][-1]["fidelity_cosine"], "{:.4f}"),
+            ("W8A8 cosine", lambda r, p: p["W8A8"]["embedding_cosine"], "{:.4f}"),
+            ("W8A8 neighbours", lambda r, p: p["W8A8"]["neighbour_agreement"], "{:.1%}"),
+            ("W8A6 cosine", lambda r, p: p["W8A6"]["embedding_cosine"], "{:.3f}"),
+            ("paper W8A8 cosine", lambda r, p: p["per_tensor"]["embedding_cosine"], "{:.4f}"),
+            ("unseen text: fidelity", lambda r, p: (r.get("unseen") or {}).get("fidelity_cosine", float("nan")), "{:.4f}"),
+            ("unseen text: W8A8", lambda r, p: ((r.get("unseen") or {}).get("W8A8") or {}).get("embedding_cosine",
+                                                                                           float("nan")), "{:.4f}")]
+    L = ["| run | seed | steps | " + " | ".join(c for c, _, _ in cols) + " | targets met |",
+         "|---|---|---|" + "---|" * len(cols) + "---|"]
+    names = [r["name"] for r in studies[0]["runs"]]
+    for name in names:
+        rows = []
+        for st in studies:
+            r = next((x for x in st["runs"] if x["name"] == name), None)
+            if r is None:
+                continue
+            p = r["points"][-1]
+            vals = [f(r, p) for _, f, _ in cols]
+            rows.append(vals)
+            met = all(r["checks"][k + "_ok"] for k in ("ffn_cut", "w8a8_cosine", "fidelity"))
+            L.append(f"| {name} | {st['args'].get('seed', 0)} | {p['step']} | "
+                     + " | ".join(fmt.format(v) for v, (_, _, fmt) in zip(vals, cols)) + f" | {'all' if met else 'no'} |")
+        if len(rows) > 1:
+            t = torch.tensor(rows, dtype=torch.float64)
+            m, sd = t.mean(0), t.std(0)
+            L.append(f"| **{name}** | mean +- std | | " + " | ".join(
+                f"{fmt.format(a)} +- {fmt.format(b)}" for a, b, (_, _, fmt) in zip(m.tolist(), sd.tolist(), cols)) + " | |")
+    return "\n".join(L) + "\n"
+
+
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "seeds":  # convert_study.py seeds OUT1 OUT2 ...: the table over training seeds
+        try:
+            text = seed_table(argv[1:])
+        except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+            sys.exit(f"error: convert_study.py seeds OUT...: each OUT must be a finished study folder ({e})")
+        atomic_write(Path(argv[1]) / "seeds.md", text)
+        print(text, end="")
+        return text
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="the pretrained model's run folder (real_model_study.py's <out>/run)")
     ap.add_argument("--out", default="runs/convert")
@@ -304,7 +350,7 @@ def main(argv=None):
         r = study_run(name, args, out)
         r["checks"] = checks(r["points"][-1], r["curve"], original)
         runs.append(r)
-    res = {"command": "python scripts/convert_study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": "python scripts/convert_study.py " + " ".join(argv),
            "run": str(args.run), "data": ck["train_config"].get("data"), "args": vars(args), "original": original,
            "runs": runs, "machine": f"{torch.backends.cpu.get_cpu_capability()} CPU, {os.cpu_count()} cores, "
                                     f"torch {torch.__version__}"}

@@ -125,6 +125,11 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     assert (out / "figures" / "curves.json").is_file()
     with pytest.raises(SystemExit, match="attention:pressure"):
         convert_study.main(["--run", str(encoder_run), "--runs", "gated"])
+    table = convert_study.main(["seeds", str(out), str(out)])  # the same study twice: std 0
+    assert "| gated:ln-wd | 0 | 4 |" in table and "| **gated:ln-wd** | mean +- std |" in table
+    assert (out / "seeds.md").read_text() == table
+    with pytest.raises(SystemExit, match="finished study folder"):
+        convert_study.main(["seeds", str(tmp_path / "missing")])
     args = type("A", (), {"outlier_penalty": 0.3, "gate_init": 0.5, "gate_lr": 0.0, "clip_alpha": 0.5})
     assert convert_study.train_flags("softmax:kurt", args) == ["--outlier-penalty", "0.3"]
     assert convert_study.train_flags("gated:kurt", args)[-2:] == ["--outlier-penalty", "0.3"]
