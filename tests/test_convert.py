@@ -66,11 +66,16 @@ def test_conversion_refuses_weights_that_do_not_fit(encoder_run):
         convert_pretrained(model, sd)
 
 
+def _distill_args(run, steps: int, lr: str, every: int, eval_batches: int) -> list[str]:
+    """train.py flags: continue `run` by distillation from itself, batch 4, no dropout."""
+    return ["--init-from", str(run), "--distill-from", str(run), "--steps", str(steps), "--batch-size", "4", "--lr",
+            lr, "--warmup-steps", "0", "--eval-interval", str(every), "--eval-batches", str(eval_batches),
+            "--eval-batch-size", "4", "--ckpt-interval", str(every), "--log-interval", "1", "--quiet", "--dropout",
+            "0", "--attn-dropout", "0"]
+
+
 def test_distillation_end_to_end(encoder_run, tmp_path):
-    common = ["--init-from", str(encoder_run), "--distill-from", str(encoder_run), "--steps", "4", "--batch-size",
-              "4", "--lr", "1e-3", "--warmup-steps", "0", "--eval-interval", "2", "--eval-batches", "2",
-              "--eval-batch-size", "4", "--ckpt-interval", "2", "--log-interval", "1", "--quiet", "--dropout", "0",
-              "--attn-dropout", "0"]
+    common = _distill_args(encoder_run, 4, "1e-3", 2, 2)
     out = tmp_path / "gated"
     train.main([*common, "--attn-mode", "gated", "--out", str(out)])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -177,10 +182,7 @@ def test_outlier_taps_tap_every_block_and_only_training_forwards(encoder_run):
 
 
 def test_outlier_penalty_in_training(encoder_run, tmp_path):
-    common = ["--init-from", str(encoder_run), "--distill-from", str(encoder_run), "--steps", "6", "--batch-size",
-              "4", "--lr", "3e-3", "--warmup-steps", "0", "--eval-interval", "6", "--eval-batches", "1",
-              "--eval-batch-size", "4", "--ckpt-interval", "6", "--log-interval", "1", "--quiet", "--dropout", "0",
-              "--attn-dropout", "0"]
+    common = _distill_args(encoder_run, 6, "3e-3", 6, 1)
     out = tmp_path / "kurt"
     train.main([*common, "--outlier-penalty", "1", "--out", str(out)])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -245,16 +245,22 @@ print(len(paired.columns) if paired.columns is not None else 0,
 """
 
 
+def _run_under_fbgemm_avx2(script: str) -> tuple[str, str]:
+    """Run `script` (argv[1]: the repo) in a fresh interpreter with FBGEMM held to AVX2 (saturating int16 pairs, as
+    on a CPU without VNNI); its first and last output lines."""
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", script, REPO], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    return lines[0], lines[-1]
+
+
 def test_fbgemm_without_vnni_is_exact_with_paired_columns():
     """FBGEMM forced to AVX2 (no VNNI: u8 x s8 pairs summed in int16 with saturation), in a subprocess: the
     probe sees the saturation, the plain packed weight is wrong by many steps, the re-paired one is exact."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch has no FBGEMM")
-    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
-    out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT, REPO], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    first, last = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    first, last = _run_under_fbgemm_avx2(_AVX2_SCRIPT)
     if not first.startswith("SATURATES"):
         pytest.skip(f"FBGEMM_ENABLE_INSTRUCTIONS=AVX2 did not give a saturating FBGEMM here ({first})")
     assert first == "SATURATES True"
@@ -468,11 +474,7 @@ def test_shared_input_with_paired_columns_under_saturating_fbgemm():
     three weights, and give the same outputs bit for bit as with each layer's own pairing."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch has no FBGEMM")
-    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
-    out = subprocess.run([sys.executable, "-c", _SHARED_AVX2_SCRIPT, REPO], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    first, last = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    first, last = _run_under_fbgemm_avx2(_SHARED_AVX2_SCRIPT)
     if first != "SATURATES":
         pytest.skip(f"FBGEMM_ENABLE_INSTRUCTIONS=AVX2 did not give a saturating FBGEMM here ({first})")
     assert last == "['ln.output_quantizer'] True True"
@@ -502,11 +504,7 @@ def test_a_copy_repacks_for_the_layers_engine():
     pairing) copied while the global engine is FBGEMM forced to AVX2 (saturating pairs) computes the same."""
     if not {"x86", "onednn"} <= set(torch.backends.quantized.supported_engines):
         pytest.skip("this torch lacks the x86 or the onednn engine")
-    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
-    out = subprocess.run([sys.executable, "-c", _COPY_SCRIPT, REPO], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    first, last = out.stdout.strip().splitlines()[0], out.stdout.strip().splitlines()[-1]
+    first, last = _run_under_fbgemm_avx2(_COPY_SCRIPT)
     if first != "CASE":
         pytest.skip("needs oneDNN exact (VNNI / AMX) next to FBGEMM forced to saturating AVX2")
     assert last == "True"
