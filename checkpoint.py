@@ -298,6 +298,11 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def run_folder(path: str) -> str:
+    """The run folder of a run folder or of a checkpoint file inside one."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
 def pick_device(name: str) -> torch.device:
     """"auto" (CUDA if present, else the CPU), "cpu", "cuda" or "cuda:N"; a clear error if CUDA is missing."""
     if name == "auto":

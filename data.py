@@ -90,7 +90,7 @@ from tokenizer import ByteLevelBPETokenizer, DataError, WordPieceTokenizer, _lis
 
 __all__ = [
     "DataError", "make_generator", "batch_indices", "shard",
-    "find_wikitext", "TokenDataset", "mlm_mask", "unmask", "TextData", "load_text_data", "absolute_source",
+    "find_wikitext", "TokenDataset", "mlm_mask", "unmask", "feature_inputs", "TextData", "load_text_data", "absolute_source",
     "read_cifar10", "builtin_images", "random_crop_flip_params", "crop_flip", "random_crop_flip", "resize",
     "normalize", "ImageData", "load_image_data", "Task", "eval_sizes",
 ]
@@ -410,6 +410,14 @@ def unmask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     b = dict(batch)
     b["input_ids"] = torch.where(b["labels"] != -100, b["labels"], b["input_ids"])
     return b
+
+
+def feature_inputs(batch: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """A batch as an encoder without a head takes it (distillation, the hidden-state measures): the inputs alone,
+    no labels, and for BERT the original tokens in place of the MLM corruption (`unmask`), since an encoder is run
+    on plain text."""
+    b = unmask(batch) if arch == "bert" else batch
+    return {k: v for k, v in b.items() if k != "labels"}
 
 
 OBJECTIVES = ("mlm", "clm")

@@ -41,7 +41,7 @@ import baselines as B
 import quant as Q
 from checkpoint import atomic_write, check_writable, load_checkpoint, pick_device
 import audit_report
-from data import Task, eval_sizes, unmask
+from data import Task, eval_sizes, feature_inputs
 from int8 import kernel_line, to_int8
 from metrics import EmbeddingAgreement, OutlierStats, QuantNoise, evaluate, to_device
 from model import describe, model_from_checkpoint
@@ -78,15 +78,11 @@ class FeatureTask:
     def __init__(self, task: Task):
         self.task, self.arch, self.tokenizer = task, task.arch, task.tokenizer
 
-    def _inputs(self, b):
-        b = unmask(b) if self.arch == "bert" else b
-        return {k: v for k, v in b.items() if k != "labels"}
-
     def batch(self, *args, **kwargs):
-        return self._inputs(self.task.batch(*args, **kwargs))
+        return feature_inputs(self.task.batch(*args, **kwargs), self.arch)
 
     def iter_valid(self, batch_size, max_batches):
-        return (self._inputs(b) for b in self.task.iter_valid(batch_size, max_batches))
+        return (feature_inputs(b, self.arch) for b in self.task.iter_valid(batch_size, max_batches))
 
 
 def features(model, batch, record=None):

@@ -10,12 +10,16 @@ Every model-config field of the preset (model.py) and every training setting (Tr
 per-preset defaults are the paper's for the paper's presets: RECIPES) is a command-line flag; `--help` lists
 them, and `--print-config` prints the resolved settings (and clipped softmax's gamma) without training.
 
-The loop, top to bottom: build (or restore) the model, optimizer and schedule; for each step, fetch the step's
-batch (a pure function of the seed and the step number, data.py), forward and backward over the micro-batches,
-clip the gradient norm, step; log; every `eval_interval` steps validate (loss, perplexity or accuracy, and the
-outlier metrics max inf-norm and kurtosis); every `ckpt_interval` steps write a checkpoint atomically. Because a
-batch depends on the step number alone and the RNG states are saved, `--resume` on the CPU continues with exactly
-the losses of an uninterrupted run.
+`main` is the recipe, one named stage per line: resolve the configs; start the processes and check that the run
+fits (batch split, memory); open the run folder; load the data (every split checked); build the model (and, for
+continued training, the teacher); make the optimizer (restoring everything on --resume); then `train_loop`: for
+each step, fetch the step's batch (a pure function of the seed and the step number, data.py), forward and backward
+over the micro-batches (`forward_backward`), check the loss and gradient (`check_step`), step; log; every
+`eval_interval` steps validate (`evaluate_and_log`: loss, perplexity or accuracy, the outlier metrics max inf-norm
+and kurtosis); every `ckpt_interval` steps write a checkpoint atomically (`save`). Because a batch depends on the
+step number alone and the RNG states are saved, `--resume` on the CPU continues with exactly the losses of an
+uninterrupted run. Continued training of a pretrained model (--init-from, --distill-from, --outlier-penalty) uses
+distill.py. Nothing imports this file but its tests.
 """
 
 import argparse
@@ -37,10 +41,10 @@ from tqdm import tqdm
 import data as D
 from attention import SelfAttention
 from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfinite_tensors, pick_device,
-                        remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
-from model import (CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config,
-                   model_from_checkpoint)
-from metrics import EmbeddingAgreement, QuantNoise, evaluate, kurtosis, n_targets, to_device
+                        remove_stale_tmp, rng_state, run_folder, save_checkpoint, set_rng_state)
+from distill import OutlierTaps, distill_loss, features_forward, fidelity, load_teacher
+from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config
+from metrics import evaluate, n_targets, to_device
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -453,117 +457,53 @@ def resolve_configs(args):
     return cfg, tc, ck
 
 
-def run_folder(path: str) -> str:
-    """The run folder of a run folder or of a checkpoint file inside one."""
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+# ------------------------------------------------------------------------------------------------ the stages
+@dataclass
+class Run:
+    """One process's view of a training run: its device and rank, the run folder it writes, and the checkpoint it
+    may name as the last good one (verified on load, or written finite by this process)."""
+    out: str
+    device: torch.device
+    ddp: bool = False
+    rank: int = 0
+    world: int = 1
+    last_good: tuple | None = None  # (file, step)
+    rotate: bool = True  # the next write keeps the current ckpt.pt as ckpt.prev.pt
+    first_loss: float | None = None  # the loss of the run's first step: the explosion reference
+    last_eval: dict | None = None
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.out, "ckpt.pt")
+
+    def log(self, rec: dict) -> None:
+        if self.master:
+            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def stop(self, msg: str, step: int | None = None, what: str | None = None):
+        """Stop with `msg`, naming the last good checkpoint truthfully (nothing bad is ever written)."""
+        if step is not None:
+            self.log({"event": "nonfinite", "step": step, "what": what})
+        kept = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" if self.last_good else
+                "no checkpoint was written")
+        sys.exit(f"error: {msg}; {kept}.")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Not in the paper: the relative squared error of the student's final hidden states (B, T, d) against the
-    teacher's, sum ||s - t||^2 / sum ||t||^2 over the valid positions (mask (B, T)): 0 when equal, 1 when the
-    student outputs zeros; 10^(-SQNR / 10) of metrics.sqnr_db."""
-    w = mask[..., None].to(student.dtype) if mask is not None else torch.ones_like(student[..., :1])
-    return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
+def print_config(cfg, tc: TrainConfig) -> None:
+    derived = {"seq_len": cfg.seq_len}
+    if cfg.attn_mode == "clipped":
+        derived["clip_gamma"] = cfg.clip_gamma if cfg.clip_gamma is not None else -cfg.clip_alpha / cfg.seq_len
+    print(json.dumps({"model": config_to_dict(cfg), "train": asdict(tc), "derived": derived}, indent=1))
 
 
-class OutlierTaps:
-    """Not in the paper: a pressure against activation outliers, for converting a pretrained model.
-
-        penalty = mean over taps t and samples b of log kurt(x_t[b])       (metrics.kurtosis, over T x d)
-
-    with the taps every block's FFN output (fc2) and its two residual sums (res_sum1, res_sum2), the tensors whose
-    per-tensor 8-bit grids the outliers stretch. log kurtosis is 1.1 for a Gaussian and about 9.5 for the 14,000
-    of an imported BERT's first FFN output; it is scale-free, so it cannot be met by shrinking everything.
-    Forward hooks, active only for gradient-enabled forwards of the model in training mode (not the evaluations);
-    `clear()` before each forward, `penalty(mask)` after it."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.outputs: list[torch.Tensor] = []
-        self.handles = []
-        for name, m in model.named_modules():
-            if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in ("fc2", "res_sum1", "res_sum2"):
-                self.handles.append(m.register_forward_hook(self._hook))
-        if not self.handles:
-            raise ValueError("--outlier-penalty: the model has no transformer blocks to tap")
-
-    def _hook(self, module, inputs, output):
-        if module.training and torch.is_grad_enabled():
-            self.outputs.append(output)
-
-    def clear(self) -> None:
-        self.outputs.clear()
-
-    def penalty(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean log-kurtosis of the tapped outputs of the last forward (mask (B, T): valid tokens)."""
-        if not self.outputs:
-            raise RuntimeError("OutlierTaps.penalty: no forward was recorded")
-        logs = [kurtosis(x.float(), mask, grad=True).clamp_min(1.0).log().mean() for x in self.outputs]
-        return torch.stack(logs).mean()
-
-
-def feature_inputs(batch: dict, arch: str) -> dict:
-    """A batch as an encoder takes it for distillation: BERT's original tokens (no [MASK]), no labels."""
-    b = D.unmask(batch) if arch == "bert" else batch
-    return {k: v for k, v in b.items() if k != "labels"}
-
-
-def features_forward(model, batch, record):
-    """evaluate()'s forward for a model without a head: the hidden states (and the recorded activations for the
-    outlier metrics), no loss."""
-    model.forward_features(**feature_inputs(batch, model.cfg.arch), record=record)
-    return None, None
-
-
-@torch.no_grad()
-def fidelity(model, teacher, task, batch_size: int, max_batches: int, device) -> dict:
-    """How close `model` stays to `teacher` on the validation set: SQNR (dB) of its final hidden states against
-    the teacher's, the mean-pooled embedding cosine and the nearest-neighbour agreement (metrics)."""
-    was = model.training
-    model.eval()
-    noise, emb = QuantNoise(), EmbeddingAgreement()
-    for b in task.iter_valid(batch_size, max_batches):
-        x = to_device(feature_inputs(b, task.arch), device)
-        h, t = model.forward_features(**x), teacher.forward_features(**x)
-        noise.update({"h": t}, {"h": h}, x.get("attention_mask"))
-        emb.update(t, h, x.get("attention_mask"))
-    model.train(was)
-    e = emb.summary()
-    return {"fidelity_sqnr_db": noise.summary()["h"]["sqnr_db"], "fidelity_cosine": e["cosine_mean"],
-            "fidelity_neighbours": e["neighbour_agreement"]}
-
-
-def load_teacher(path: str, cfg, tokenizer, device):
-    """The frozen model of a checkpoint, checked to read the same inputs as the model being trained."""
-    tck = load_checkpoint(path)
-    teacher, tcfg = model_from_checkpoint(tck)
-    same = ("arch", "d_model", "vocab_size")
-    if any(getattr(tcfg, k) != getattr(cfg, k) for k in same) or tcfg.seq_len < cfg.seq_len:
-        raise ValueError(f"--distill-from {path}: the teacher ({', '.join(f'{k} {getattr(tcfg, k)}' for k in same)}, "
-                         f"T {tcfg.seq_len}) does not read the inputs of this model "
-                         f"({', '.join(f'{k} {getattr(cfg, k)}' for k in same)}, T {cfg.seq_len})")
-    if tokenizer is not None and tck.get("vocab") is not None and list(tck["vocab"]) != list(tokenizer.vocab):
-        raise ValueError(f"--distill-from {path}: the teacher's vocabulary differs from this run's tokenizer: pass "
-                         f"--vocab-file {os.path.join(run_folder(path), 'vocab.txt')}")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------------- main
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        cfg, tc, ck = resolve_configs(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    if args.print_config:
-        derived = {"seq_len": cfg.seq_len}
-        if cfg.attn_mode == "clipped":
-            derived["clip_gamma"] = cfg.clip_gamma if cfg.clip_gamma is not None else -cfg.clip_alpha / cfg.seq_len
-        print(json.dumps({"model": config_to_dict(cfg), "train": asdict(tc), "derived": derived}, indent=1))
-        return None
-
-    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+def start_processes(tc: TrainConfig) -> tuple[torch.device, bool, int, int]:
+    """The device, and under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK) the process group:
+    (device, ddp, rank, world)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     try:
@@ -571,13 +511,17 @@ def main(argv=None):
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if ddp:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
             device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
             torch.cuda.set_device(device)
-    master = rank == 0
+    return device, ddp, rank, world
+
+
+def check_fits(cfg, tc: TrainConfig, device: torch.device, world: int) -> None:
+    """Refuse, before anything is written: a batch that does not split across micro-batches and processes, fp16
+    without CUDA, and a run that cannot fit the device's memory (memory_estimate)."""
     if tc.batch_size % (tc.grad_accum * world):
         sys.exit(f"error: batch_size={tc.batch_size} must be divisible by grad_accum * world_size = "
                  f"{tc.grad_accum * world}")
@@ -591,141 +535,247 @@ def main(argv=None):
                  f"{tc.eval_batch_size or min(tc.batch_size, 64)}, {cfg.n_layers} layers, {cfg.n_heads} heads), more "
                  f"than the {have / 2**30:.1f} GiB of {device}: lower --max-seq-len, --batch-size or "
                  f"--eval-batch-size, or raise --grad-accum")
+
+
+def open_run_folder(args, tc: TrainConfig, ck, device, ddp: bool, rank: int, world: int) -> Run:
+    """The run folder: --out for a new run (refused if it holds a checkpoint), the checkpoint's folder on
+    --resume; created, cleared of a killed process's temporary files, and checked writable."""
     out = args.resume if (args.resume and os.path.isdir(args.resume)) else tc.out
     if args.resume and not os.path.isdir(args.resume):
         out = os.path.dirname(os.path.abspath(args.resume))
-    ckpt_path = os.path.join(out, "ckpt.pt")
+    run = Run(out, device, ddp, rank, world)
     resume_file = (os.path.join(args.resume, "ckpt.pt") if os.path.isdir(args.resume) else args.resume) \
         if args.resume else ""
-    # The last checkpoint known to be good: verified on load, or written (finite) by this process.
-    last_good = (resume_file, ck["step"]) if ck is not None else None
+    run.last_good = (resume_file, ck["step"]) if ck is not None else None
     # Resuming from another file (e.g. ckpt.prev.pt, because ckpt.pt is damaged): the first write must not keep
     # the unverified ckpt.pt as the "previous good" one.
-    rotate = not args.resume or os.path.abspath(resume_file) == os.path.abspath(ckpt_path)
-    existing = [p for p in (ckpt_path, os.path.join(out, "ckpt.prev.pt")) if os.path.exists(p)]
+    run.rotate = not args.resume or os.path.abspath(resume_file) == os.path.abspath(run.ckpt_path)
+    existing = [p for p in (run.ckpt_path, os.path.join(out, "ckpt.prev.pt")) if os.path.exists(p)]
     if not args.resume and existing:
-        again = out if existing[0] == ckpt_path else existing[0]  # only ckpt.prev.pt: resume that file
+        again = out if existing[0] == run.ckpt_path else existing[0]  # only ckpt.prev.pt: resume that file
         sys.exit(f"error: {existing[0]} exists: pass --resume {again} to continue it, or choose another --out")
     try:
         os.makedirs(out, exist_ok=True)
-        if master:
+        if run.master:
             remove_stale_tmp(out)  # left by a killed process
             check_writable(out)
     except OSError as e:
         sys.exit(f"error: cannot write to the run folder {out}: {e.strerror or e}")
+    return run
 
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def load_task(run: Run, cfg, tc: TrainConfig, resume: str):
+    """The data (tokenizer, token streams or images), with every split checked to give a batch as the loop and
+    the evaluation draw them, before any training; a new run writes its vocab.txt (and the casing)."""
     try:
-        vocab_path = os.path.join(out, "vocab.txt") if (args.resume and os.path.exists(
-            os.path.join(out, "vocab.txt"))) else ""
+        vocab_path = os.path.join(run.out, "vocab.txt") if (resume and os.path.exists(
+            os.path.join(run.out, "vocab.txt"))) else ""
         task = D.Task.for_config(cfg, tc.data, vocab_path or tc.vocab_file, seq_format=tc.seq_format,
                                  windows=tc.windows, vocab_kind=tc.vocab_kind)
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
-    micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it
-    ebs = tc.eval_batch_size or min(tc.batch_size, 64)
-    try:  # every split large enough, before any training: a batch of each, as the loop and evaluate draw them
-        task.batch("train", 0, micro, tc.seed, rank, world)
-        next(iter(task.iter_valid(ebs, 1)))
+    try:
+        task.batch("train", 0, tc.batch_size // tc.grad_accum, tc.seed, run.rank, run.world)
+        next(iter(task.iter_valid(eval_batch_size(tc), 1)))
     except StopIteration:
         sys.exit(f"error: the validation split of {tc.data} is empty: evaluation needs at least one example")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if master and task.tokenizer is not None and not vocab_path:  # a new run: overwrite a stale vocab.txt
-        task.tokenizer.save(os.path.join(out, "vocab.txt"))
+    if run.master and task.tokenizer is not None and not vocab_path:  # a new run: overwrite a stale vocab.txt
+        task.tokenizer.save(os.path.join(run.out, "vocab.txt"))
         if isinstance(task.tokenizer, D.WordPieceTokenizer):  # its casing, as a Hugging Face folder keeps it
-            with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            with open(os.path.join(run.out, "tokenizer_config.json"), "w") as f:
                 json.dump({"do_lower_case": task.tokenizer.lowercase}, f)
+    return task
 
-    model = build_model(cfg).to(device)
+
+def eval_batch_size(tc: TrainConfig) -> int:
+    return tc.eval_batch_size or min(tc.batch_size, 64)
+
+
+def build_models(run: Run, cfg, tc: TrainConfig, ck, task):
+    """The model on the device (a new run with --init-from: the pretrained weights, converted by
+    model.convert_pretrained) and, with --distill-from, the frozen teacher (distill.load_teacher); then a check
+    that the run folder has room for its checkpoints."""
+    model = build_model(cfg).to(run.device)
     teacher = None
     try:
         if tc.init_from and ck is None:
             new = convert_pretrained(model, load_checkpoint(tc.init_from)["model"])
-            if master:
+            if run.master:
                 print(f"initialised from {tc.init_from}; new parameters: {', '.join(new) or 'none'}")
         if tc.distill_from:
-            if ddp:
+            if run.ddp:
                 raise ValueError("--distill-from runs in one process (no torchrun)")
-            teacher = load_teacher(tc.distill_from, cfg, task.tokenizer, device)
+            teacher = load_teacher(tc.distill_from, cfg, task.tokenizer, run.device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     # Room for the checkpoints: the new file is written beside the newest and the previous one.
     ckpt_bytes = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
-    n_files = sum(os.path.exists(p) for p in (ckpt_path, os.path.join(out, "ckpt.prev.pt")))
-    free = shutil.disk_usage(out).free
-    if master and free < (3 - n_files) * ckpt_bytes:
-        sys.exit(f"error: {out} has {free / 2**20:.1f} MiB free, but the checkpoints of this run need about "
+    n_files = sum(os.path.exists(p) for p in (run.ckpt_path, os.path.join(run.out, "ckpt.prev.pt")))
+    free = shutil.disk_usage(run.out).free
+    if run.master and free < (3 - n_files) * ckpt_bytes:
+        sys.exit(f"error: {run.out} has {free / 2**20:.1f} MiB free, but the checkpoints of this run need about "
                  f"{(3 - n_files) * ckpt_bytes / 2**20:.1f} MiB more (each about {ckpt_bytes / 2**20:.1f} MiB): "
                  f"free some space or choose another --out")
+    return model, teacher
+
+
+def make_optimizer(model, tc: TrainConfig, ck, device):
+    """AdamW over param_groups and the fp16 gradient scaler; on --resume their state, the weights and the RNG
+    states are restored. Returns (optimizer, scaler, the step to start from)."""
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=tc.dtype == "fp16")
-    start = 0
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if "scaler" in ck:
-            scaler.load_state_dict(ck["scaler"])
-        start = ck["step"]
-        set_rng_state(ck["rng"])
+    if ck is None:
+        return opt, scaler, 0
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if "scaler" in ck:
+        scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"])
+    return opt, scaler, ck["step"]
+
+
+def log_start(run: Run, preset: str, cfg, tc: TrainConfig, model, ck, start: int) -> None:
+    if run.master and ck is None:
+        n = model.num_params()
+        print(f"{cfg.arch} {preset}: {n / 1e6:.2f}M parameters, attention {cfg.attn_mode}, "
+              f"{tc.steps} steps x {tc.batch_size} on {run.device} ({run.world} process{'es' if run.world > 1 else ''})")
+        run.log({"event": "start", "config": config_to_dict(cfg), "train_config": asdict(tc), "params": n,
+                 "world_size": run.world})
+    if ck is not None:  # an interrupted process may have logged steps past the checkpoint: later records win
+        run.log({"event": "resume", "step": start, "train_config": asdict(tc), "world_size": run.world})
+    run.last_eval = ck.get("metrics") if ck else None
+    run.first_loss = ck.get("first_loss") if ck else None
+
+
+def step_batches(run: Run, task, tc: TrainConfig, step: int) -> list[dict]:
+    """The micro-batches of optimizer step `step` (a pure function of the seed and the step), on the device; in
+    the short-sequence phase the same tokens as (B * T / S, S) sequences."""
+    micro = tc.batch_size // tc.grad_accum  # global micro-batch; each rank takes micro / world rows of it
+    batches = [to_device(task.batch("train", step * tc.grad_accum + i, micro, tc.seed, run.rank, run.world),
+                         run.device) for i in range(tc.grad_accum)]
+    if step < tc.short_seq_steps:
+        batches = [D.split_sequences(b, tc.short_seq_len) for b in batches]
+    return batches
+
+
+def forward_backward(run: Run, tc: TrainConfig, model, fwd_model, raw_model, batches, teacher, taps, amp, scaler, opt):
+    """The loss of one optimizer step over its micro-batches and its gradient, accumulated, unscaled and clipped:
+    (loss, the outlier penalty, gradient norm). Each micro-batch's mean loss is weighted by its share of all
+    predictions in the global batch, so the gradient equals that of the global mean, whatever the split across
+    micro-batches and ranks. With a teacher the loss is distill_loss on the final hidden states; with taps the
+    objective adds tc.outlier_penalty x their log-kurtosis (the logged loss stays the task's or distillation's)."""
+    counts = torch.tensor([float(n_targets(b)) for b in batches], device=run.device)
+    total = counts.sum()
+    if run.ddp:
+        dist.all_reduce(total)
+    step_loss = torch.zeros((), device=run.device)
+    step_penalty = torch.zeros((), device=run.device)
+    for i, b in enumerate(batches):
+        sync = (not run.ddp) or i == len(batches) - 1
+        if taps is not None:
+            taps.clear()
+        with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+            if teacher is not None:  # distillation: match the teacher's final hidden states
+                x = D.feature_inputs(b, raw_model.cfg.arch)
+                with torch.no_grad():
+                    target = teacher.forward_features(**x)
+                loss = distill_loss(raw_model.forward_features(**x), target, x.get("attention_mask"))
+            else:
+                _, loss = fwd_model(**b)
+            objective = loss
+            if taps is not None:  # not in the paper: the outlier pressure (distill.OutlierTaps)
+                penalty = taps.penalty(b.get("attention_mask"))
+                objective = loss + tc.outlier_penalty * penalty
+                step_penalty += penalty.detach() * counts[i] / total
+        w = counts[i] / total * run.world
+        scaler.scale(objective * w).backward()
+        step_loss += loss.detach() * counts[i] / total
+    if run.ddp:
+        dist.all_reduce(step_loss)
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+    return step_loss, step_penalty, grad_norm
+
+
+def check_step(run: Run, tc: TrainConfig, step: int, loss, grad_norm, scaler, distilling: bool) -> None:
+    """Stop, naming the last good checkpoint, on a non-finite loss or gradient norm (a finite loss with an inf/NaN
+    gradient would otherwise put NaN weights into the next checkpoint; with fp16 the scaler skips such steps
+    itself), or on a loss EXPLODE_FACTOR times the run's first."""
+    if not torch.isfinite(loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
+        what = "loss" if not torch.isfinite(loss) else "gradient norm"
+        value = (loss if what == "loss" else grad_norm).item()
+        run.stop(f"the {what} became {value} at step {step + 1}. Lower --lr, raise --warmup-steps or use "
+                 f"--dtype fp32", step + 1, what)
+    if run.first_loss is None:
+        run.first_loss = loss.item()
+    elif loss.item() > EXPLODE_FACTOR * max(run.first_loss, 0.25 if distilling else 1e-3):
+        run.stop(f"the loss exploded to {loss.item():.4g} at step {step + 1}, more than {EXPLODE_FACTOR:g} "
+                 f"times the first step's {run.first_loss:.4g}. Lower --lr (now {tc.lr:g}) or raise --warmup-steps",
+                 step + 1, "loss")
+
+
+def evaluate_and_log(run: Run, tc: TrainConfig, model, teacher, task, step: int) -> None:
+    """Validation after `step` updates (the master process): the metric, the outlier metrics and, when
+    distilling, the fidelity to the teacher; logged and kept as run.last_eval."""
+    if run.master:
+        ev = evaluate(model, task, eval_batch_size(tc), tc.eval_batches, run.device,
+                      forward=None if model.cfg.head else features_forward)
+        if teacher is not None:
+            ev.update(fidelity(model, teacher, task, eval_batch_size(tc), tc.eval_batches, run.device))
+        run.log({"step": step, **ev})
+        run.last_eval = ev
+        summary = ", ".join(f"{k}={v:.3g}" for k, v in ev.items()
+                            if k in ("val_ppl", "val_acc", "max_inf_norm/ffn_out", "kurtosis/ffn_out",
+                                     "fidelity_cosine"))
+        tqdm.write(f"step {step}: {summary}")
+    if run.ddp:
+        dist.barrier()
+
+
+def save(run: Run, step: int, model, opt, scaler, cfg, tc: TrainConfig, task) -> None:
+    """The checkpoint of `step`, written atomically by the master; never a non-finite one (the loss was checked
+    every step; the weights are checked here). It becomes the last good checkpoint."""
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        run.stop(f"the weights became non-finite (inf / NaN) at step {step} ({', '.join(bad[:3])}). Lower --lr or "
+                 f"--weight-decay, or use --dtype fp32", step, "weights")
+    if run.master:
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+              "step": step, "config": config_to_dict(cfg), "train_config": asdict(tc), "rng": rng_state(),
+              "vocab": task.tokenizer.vocab if task.tokenizer is not None else None,
+              "metrics": run.last_eval, "first_loss": run.first_loss}
+        try:
+            save_checkpoint(run.ckpt_path, ck) if run.rotate else save_checkpoint(run.ckpt_path, ck,
+                                                                                  keep_previous=False)
+        except (OSError, CheckpointError) as e:
+            run.stop(f"writing the checkpoint of step {step} failed: {e}")
+        run.last_good, run.rotate = (run.ckpt_path, step), True
+    if run.ddp:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train_loop(run: Run, cfg, tc: TrainConfig, task, model, teacher, opt, scaler, start: int, quiet: bool):
+    """Optimizer steps start .. tc.steps - 1: set the learning rate, fetch the step's batches, forward and
+    backward, check, step; log, evaluate and checkpoint at their intervals. Returns the last evaluation."""
     raw_model = model
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+    if run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index]
+                                                          if run.device.type == "cuda" else None)
     fwd_model = torch.compile(model) if tc.compile else model
     taps = OutlierTaps(raw_model) if tc.outlier_penalty else None
-    amp = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[tc.dtype])
+    amp = (torch.autocast(run.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[tc.dtype])
            if tc.dtype != "fp32" else contextlib.nullcontext())
-    log_path = os.path.join(out, "log.jsonl")
-
-    def log(rec):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def stop(msg, step=None, what=None):
-        """Stop with `msg`, naming the last good checkpoint truthfully (nothing bad is ever written)."""
-        if step is not None:
-            log({"event": "nonfinite", "step": step, "what": what})
-        kept = (f"the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else
-                "no checkpoint was written")
-        sys.exit(f"error: {msg}; {kept}.")
-
-    def checkpoint(step):
-        nonlocal last_good, rotate
-        # Never write a non-finite checkpoint: the loss was checked every step; the weights are checked here.
-        bad = nonfinite_tensors(raw_model.state_dict())
-        if bad:
-            stop(f"the weights became non-finite (inf / NaN) at step {step} ({', '.join(bad[:3])}). Lower --lr or "
-                 f"--weight-decay, or use --dtype fp32", step, "weights")
-        if master:
-            ck_new = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                      "step": step, "config": config_to_dict(cfg), "train_config": asdict(tc), "rng": rng_state(),
-                      "vocab": task.tokenizer.vocab if task.tokenizer is not None else None,
-                      "metrics": last_eval, "first_loss": first_loss}
-            try:
-                save_checkpoint(ckpt_path, ck_new) if rotate else save_checkpoint(ckpt_path, ck_new,
-                                                                                  keep_previous=False)
-            except (OSError, CheckpointError) as e:
-                stop(f"writing the checkpoint of step {step} failed: {e}")
-            last_good, rotate = (ckpt_path, step), True
-        if ddp:
-            dist.barrier()
-
-    if master and ck is None:
-        n = raw_model.num_params()
-        print(f"{cfg.arch} {args.preset}: {n / 1e6:.2f}M parameters, attention {cfg.attn_mode}, "
-              f"{tc.steps} steps x {tc.batch_size} on {device} ({world} process{'es' if world > 1 else ''})")
-        log({"event": "start", "config": config_to_dict(cfg), "train_config": asdict(tc), "params": n,
-             "world_size": world})
-    if ck is not None:  # an interrupted process may have logged steps past the checkpoint: later records win
-        log({"event": "resume", "step": start, "train_config": asdict(tc), "world_size": world})
-    last_eval = ck.get("metrics") if ck else None
-    first_loss = ck.get("first_loss") if ck else None  # the loss of the run's first step: the explosion reference
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not master or args.quiet,
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not run.master or quiet,
                dynamic_ncols=True)
     t0, tokens_since = time.perf_counter(), 0
     set_gamma_scale(raw_model, clip_gamma_scale(start, tc))
@@ -733,85 +783,49 @@ def main(argv=None):
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        batches = [to_device(task.batch("train", step * tc.grad_accum + i, micro, tc.seed, rank, world), device)
-                   for i in range(tc.grad_accum)]
-        if step < tc.short_seq_steps:  # short phase: the same tokens, as (B * T / S, S) sequences
-            batches = [D.split_sequences(b, tc.short_seq_len) for b in batches]
-        counts = torch.tensor([float(n_targets(b)) for b in batches], device=device)
-        total = counts.sum()
-        if ddp:
-            dist.all_reduce(total)
-        # Each micro-batch's mean loss is weighted by its share of all predictions in the global batch, so the
-        # gradient equals that of the global mean, whatever the split across micro-batches and ranks.
-        step_loss = torch.zeros((), device=device)
-        step_penalty = torch.zeros((), device=device)
-        for i, b in enumerate(batches):
-            sync = (not ddp) or i == len(batches) - 1
-            if taps is not None:
-                taps.clear()
-            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
-                if teacher is not None:  # distillation: match the teacher's final hidden states
-                    x = feature_inputs(b, cfg.arch)
-                    with torch.no_grad():
-                        target = teacher.forward_features(**x)
-                    loss = distill_loss(raw_model.forward_features(**x), target, x.get("attention_mask"))
-                else:
-                    _, loss = fwd_model(**b)
-                objective = loss
-                if taps is not None:  # not in the paper: the outlier pressure (OutlierTaps)
-                    penalty = taps.penalty(b.get("attention_mask"))
-                    objective = loss + tc.outlier_penalty * penalty
-                    step_penalty += penalty.detach() * counts[i] / total
-            w = counts[i] / total * world
-            scaler.scale(objective * w).backward()
-            step_loss += loss.detach() * counts[i] / total
-        if ddp:
-            dist.all_reduce(step_loss)
-        # The gradient norm is checked too: a finite loss with an inf/NaN gradient would otherwise put NaN weights
-        # into the next checkpoint. (With fp16 the scaler skips such steps itself; max_norm=inf clips nothing.)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        if not torch.isfinite(step_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
-            what = "loss" if not torch.isfinite(step_loss) else "gradient norm"
-            value = (step_loss if what == "loss" else grad_norm).item()
-            stop(f"the {what} became {value} at step {step + 1}. Lower --lr, raise --warmup-steps or use "
-                 f"--dtype fp32", step + 1, what)
-        if first_loss is None:
-            first_loss = step_loss.item()
-        elif step_loss.item() > EXPLODE_FACTOR * max(first_loss, 0.25 if teacher is not None else 1e-3):
-            stop(f"the loss exploded to {step_loss.item():.4g} at step {step + 1}, more than {EXPLODE_FACTOR:g} "
-                 f"times the first step's {first_loss:.4g}. Lower --lr (now {tc.lr:g}) or raise --warmup-steps",
-                 step + 1, "loss")
+        batches = step_batches(run, task, tc, step)
+        loss, penalty, grad_norm = forward_backward(run, tc, model, fwd_model, raw_model, batches, teacher, taps,
+                                                    amp, scaler, opt)
+        check_step(run, tc, step, loss, grad_norm, scaler, teacher is not None)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        tokens_since += sum(b["labels"].numel() for b in batches) * world
+        tokens_since += sum(b["labels"].numel() for b in batches) * run.world
         done = step + 1
         set_gamma_scale(raw_model, clip_gamma_scale(done, tc))  # for the evaluation below and the next step
         if done % tc.log_interval == 0 or done == tc.steps:
-            dt = time.perf_counter() - t0
-            rate = tokens_since / dt
+            rate = tokens_since / (time.perf_counter() - t0)
             t0, tokens_since = time.perf_counter(), 0
-            rec = {"step": done, "loss": step_loss.item(), "lr": lr, "items_per_s": rate}
+            rec = {"step": done, "loss": loss.item(), "lr": lr, "items_per_s": rate}
             if taps is not None:
-                rec["log_kurtosis"] = step_penalty.item()
-            log(rec)
+                rec["log_kurtosis"] = penalty.item()
+            run.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
         if done % tc.eval_interval == 0 or done == tc.steps:
-            if master:
-                last_eval = evaluate(raw_model, task, ebs, tc.eval_batches, device,
-                                     forward=None if cfg.head else features_forward)
-                if teacher is not None:
-                    last_eval.update(fidelity(raw_model, teacher, task, ebs, tc.eval_batches, device))
-                log({"step": done, **last_eval})
-                summary = ", ".join(f"{k}={v:.3g}" for k, v in last_eval.items()
-                                    if k in ("val_ppl", "val_acc", "max_inf_norm/ffn_out", "kurtosis/ffn_out",
-                                             "fidelity_cosine"))
-                tqdm.write(f"step {done}: {summary}")
-            if ddp:
-                dist.barrier()
+            evaluate_and_log(run, tc, raw_model, teacher, task, done)
         if done % tc.ckpt_interval == 0 or done == tc.steps:
-            checkpoint(done)
+            save(run, done, raw_model, opt, scaler, cfg, tc, task)
+    return run.last_eval
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, tc, ck = resolve_configs(args)  # preset + flags, or the checkpoint's on --resume; validated
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if args.print_config:
+        return print_config(cfg, tc)
+    device, ddp, rank, world = start_processes(tc)
+    check_fits(cfg, tc, device, world)  # batch split, dtype, memory: before anything is written
+    run = open_run_folder(args, tc, ck, device, ddp, rank, world)
+    seed_everything(tc.seed)
+    task = load_task(run, cfg, tc, args.resume)  # data, every split checked; vocab.txt
+    model, teacher = build_models(run, cfg, tc, ck, task)  # --init-from conversion, --distill-from teacher
+    opt, scaler, start = make_optimizer(model, tc, ck, run.device)  # and on --resume: weights, state, step, RNG
+    log_start(run, args.preset, cfg, tc, model, ck, start)
+    last_eval = train_loop(run, cfg, tc, task, model, teacher, opt, scaler, start, args.quiet)
     if ddp:
         dist.destroy_process_group()
     return last_eval

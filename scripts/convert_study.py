@@ -76,19 +76,19 @@ def ptq(run_dir: Path, out: Path, args, per_channel: bool, bits: list[str], seed
 
 
 def unseen_text(run_dir: Path, args, out: Path) -> dict:
-    """The final model on text no run trained on (--check-data): its fidelity to the original (train.fidelity) and
+    """The final model on text no run trained on (--check-data): its fidelity to the original (distill.fidelity) and
     its own W8A8 (per-channel weights; calibrated and evaluated on that text, PTQ seed 0). Cached in out."""
     cache = out / "unseen.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    import train  # noqa: E402  (the training code's fidelity and teacher loading, in this process)
     from data import Task  # noqa: E402
+    from distill import fidelity, load_teacher  # noqa: E402
     from model import model_from_checkpoint  # noqa: E402
     ck = load_checkpoint(str(run_dir))
     model, cfg = model_from_checkpoint(ck)
     task = Task.for_run(cfg, str(run_dir), ck["train_config"], args.check_data)
-    teacher = train.load_teacher(str(args.run), cfg, task.tokenizer, torch.device("cpu"))
-    r = train.fidelity(model, teacher, task, args.eval_batch_size, args.eval_batches, torch.device("cpu"))
+    teacher = load_teacher(str(args.run), cfg, task.tokenizer, torch.device("cpu"))
+    r = fidelity(model, teacher, task, args.eval_batch_size, args.eval_batches, torch.device("cpu"))
     r["W8A8"] = ptq(run_dir, out, args, True, ["W8A8"], args.ptq_seeds[:1], args.check_data)["W8A8"]
     atomic_write(cache, json.dumps(r))
     return r

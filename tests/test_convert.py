@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hf_checkpoint as H
+import distill
 import train
 from checkpoint import load_checkpoint
 from model import build_model, config_from_dict, convert_pretrained, model_from_checkpoint
@@ -157,7 +158,7 @@ def test_differentiable_kurtosis_matches_the_metric_and_its_gradient():
 
 def test_outlier_taps_tap_every_block_and_only_training_forwards(encoder_run):
     model, cfg = model_from_checkpoint(load_checkpoint(str(encoder_run)))
-    taps = train.OutlierTaps(model)
+    taps = distill.OutlierTaps(model)
     assert len(taps.handles) == 3 * cfg.n_layers
     ids = torch.randint(6, len(BERT_VOCAB), (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -1,0 +1,110 @@
+"""Continued training of a pretrained model: distillation to its own original function, and the pressures that push
+its activations away from outliers while it keeps that function. Not in the paper, which trains every model from
+scratch; used by `train.py --init-from RUN --distill-from RUN` and by scripts/convert_study.py.
+
+    distill_loss   the relative squared error of the student's final hidden states against the teacher's
+    OutlierTaps    lambda * mean log-kurtosis of every block's FFN output and residual sums (--outlier-penalty)
+    fidelity       how close the student stays to the teacher: SQNR, mean-pooled embedding cosine, neighbours
+    load_teacher   the frozen original model, checked to read the same inputs as the student
+
+The model being trained is converted beforehand by `model.convert_pretrained` (a gated model starts exactly at
+the original function). Imports torch, checkpoint, data, metrics and model; nothing imports train.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from checkpoint import load_checkpoint, run_folder
+from data import feature_inputs
+from metrics import EmbeddingAgreement, QuantNoise, kurtosis, to_device
+from model import model_from_checkpoint
+
+__all__ = ["distill_loss", "OutlierTaps", "features_forward", "fidelity", "load_teacher"]
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The relative squared error of the student's final hidden states (B, T, d) against the teacher's,
+    sum ||s - t||^2 / sum ||t||^2 over the valid positions (mask (B, T)): 0 when equal, 1 when the student outputs
+    zeros; 10^(-SQNR / 10) of metrics.sqnr_db."""
+    w = mask[..., None].to(student.dtype) if mask is not None else torch.ones_like(student[..., :1])
+    return ((student - teacher).pow(2) * w).sum() / (teacher.pow(2) * w).sum().clamp_min(1e-12)
+
+
+class OutlierTaps:
+    """A pressure against activation outliers, for converting a pretrained model:
+
+        penalty = mean over taps t and samples b of log kurt(x_t[b])       (metrics.kurtosis, over T x d)
+
+    with the taps every block's FFN output (fc2) and its two residual sums (res_sum1, res_sum2), the tensors whose
+    per-tensor 8-bit grids the outliers stretch. log kurtosis is 1.1 for a Gaussian and about 9.5 for the 14,000
+    of an imported BERT's first FFN output; it is scale-free, so it cannot be met by shrinking everything.
+    Forward hooks, active only for gradient-enabled forwards of the model in training mode (not the evaluations);
+    `clear()` before each forward, `penalty(mask)` after it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+        for name, m in model.named_modules():
+            if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in ("fc2", "res_sum1", "res_sum2"):
+                self.handles.append(m.register_forward_hook(self._hook))
+        if not self.handles:
+            raise ValueError("--outlier-penalty: the model has no transformer blocks to tap")
+
+    def _hook(self, module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            self.outputs.append(output)
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+    def penalty(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean log-kurtosis of the tapped outputs of the last forward (mask (B, T): valid tokens)."""
+        if not self.outputs:
+            raise RuntimeError("OutlierTaps.penalty: no forward was recorded")
+        logs = [kurtosis(x.float(), mask, grad=True).clamp_min(1.0).log().mean() for x in self.outputs]
+        return torch.stack(logs).mean()
+
+
+def features_forward(model, batch, record):
+    """metrics.evaluate's forward for a model without a head: the hidden states (and the recorded activations for
+    the outlier metrics), no loss."""
+    model.forward_features(**feature_inputs(batch, model.cfg.arch), record=record)
+    return None, None
+
+
+@torch.no_grad()
+def fidelity(model, teacher, task, batch_size: int, max_batches: int, device) -> dict:
+    """How close `model` stays to `teacher` on the validation set: SQNR (dB) of its final hidden states against
+    the teacher's, the mean-pooled embedding cosine and the nearest-neighbour agreement (metrics)."""
+    was = model.training
+    model.eval()
+    noise, emb = QuantNoise(), EmbeddingAgreement()
+    for b in task.iter_valid(batch_size, max_batches):
+        x = to_device(feature_inputs(b, task.arch), device)
+        h, t = model.forward_features(**x), teacher.forward_features(**x)
+        noise.update({"h": t}, {"h": h}, x.get("attention_mask"))
+        emb.update(t, h, x.get("attention_mask"))
+    model.train(was)
+    e = emb.summary()
+    return {"fidelity_sqnr_db": noise.summary()["h"]["sqnr_db"], "fidelity_cosine": e["cosine_mean"],
+            "fidelity_neighbours": e["neighbour_agreement"]}
+
+
+def load_teacher(path: str, cfg, tokenizer, device):
+    """The frozen model of a checkpoint, checked to read the same inputs as the model being trained."""
+    tck = load_checkpoint(path)
+    teacher, tcfg = model_from_checkpoint(tck)
+    same = ("arch", "d_model", "vocab_size")
+    if any(getattr(tcfg, k) != getattr(cfg, k) for k in same) or tcfg.seq_len < cfg.seq_len:
+        raise ValueError(f"--distill-from {path}: the teacher ({', '.join(f'{k} {getattr(tcfg, k)}' for k in same)}, "
+                         f"T {tcfg.seq_len}) does not read the inputs of this model "
+                         f"({', '.join(f'{k} {getattr(cfg, k)}' for k in same)}, T {cfg.seq_len})")
+    if tokenizer is not None and tck.get("vocab") is not None and list(tck["vocab"]) != list(tokenizer.vocab):
+        raise ValueError(f"--distill-from {path}: the teacher's vocabulary differs from this run's tokenizer: pass "
+                         f"--vocab-file {os.path.join(run_folder(path), 'vocab.txt')}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
