@@ -68,8 +68,9 @@ FIGSIZE = {"fig1": (11, 3.6), "fig3": (17, 3.8), "sweep": (10, 3.6), "growth": (
 
 
 def fig2_size(n_runs: int, gated: bool) -> tuple[float, float]:
-    """Figure 2's size in inches: a row per run, 3 columns (4 with a gate column)."""
-    return 3.9 * (4 if gated else 3), 3.9 * n_runs + 0.6
+    """Figure 2's size in inches: a block per run (the value norms above p_ij, the product beside it, and a gate
+    column if any run has a gate), sized so that the WINDOW token labels read at a README's width."""
+    return (12.5 if gated else 11.0), 6.0 * n_runs + 0.7
 SWEEPS = {  # results.json config field -> (attention mode, name in the paper, figure number)
     "clip_alpha": ("clipped", "alpha", 6),
     "gate_init": ("gated", "pi_init", 7),
@@ -764,46 +765,105 @@ def plot_outlier_counts(data: dict, path: str) -> None:
     fig.savefig(path, dpi=DPI)
 
 
+WINDOW = 24  # Figure 2 shows this many consecutive tokens, so that every token label is legible
+PROB_FLOOR = 1e-3  # the log colour scale of p_ij starts here (smaller values share its colour; exact zeros: white)
+
+
+def attention_window(probs_list, width: int = WINDOW) -> tuple[int, int]:
+    """[start, end): the `width` consecutive positions of a (T, T) attention map (summed over the maps given) in
+    which the queries put the most attention mass on the keys, i.e. where the heads park; the whole sequence when
+    T <= width. Ties go to the earliest window."""
+    P = torch.stack([torch.as_tensor(p, dtype=torch.float64) for p in probs_list]).sum(0)  # (T, T)
+    T = P.shape[0]
+    if T <= width:
+        return 0, T
+    mass = [float(P[s:s + width, s:s + width].sum()) for s in range(T - width + 1)]
+    start = max(range(len(mass)), key=lambda s: (mass[s], -s))
+    return start, start + width
+
+
+def _windowed(d: dict, lo: int, hi: int) -> dict:
+    """The window [lo, hi) of one run's Figure 2 data, with the attention on keys outside it summed into one extra
+    column ("other keys"), so that each shown row still accounts for all of its query's attention."""
+    P = torch.as_tensor(d["probs"], dtype=torch.float64)  # (T, T)
+    prod = torch.as_tensor(d["product"], dtype=torch.float64)
+    rows = P[lo:hi]
+    inside = torch.zeros(P.shape[1], dtype=torch.bool)
+    inside[lo:hi] = True
+    rest = rows[:, ~inside].sum(1, keepdim=True)  # (w, 1)
+    rest_prod = prod[lo:hi][:, ~inside].sum(1, keepdim=True)
+    return {"tokens": d["tokens"][lo:hi], "probs": torch.cat([rows[:, lo:hi], rest], 1),
+            "product": torch.cat([prod[lo:hi, lo:hi], rest_prod], 1), "value_norms": d["value_norms"][lo:hi],
+            "gate": d["gate"][lo:hi] if d["gate"] is not None else None, "n_other": int((~inside).sum())}
+
+
+def _log_image(ax, values, vmax: float, floor: float):
+    """imshow on a log colour scale from floor to vmax; values below the floor take its colour, exact zeros are
+    white (clipped softmax's point)."""
+    from matplotlib.colors import LogNorm
+    import matplotlib
+    base = matplotlib.colormaps["viridis"]
+    cmap = base.with_extremes(bad="white", under=base(0.0))  # bad: log(0), masked
+    v = torch.as_tensor(values, dtype=torch.float64)
+    shown = torch.where(v == 0, torch.full_like(v, float("nan")), v.clamp_min(floor * (1 + 1e-9)))
+    return ax.imshow(shown.numpy(), cmap=cmap, norm=LogNorm(vmin=floor, vmax=max(vmax, floor * 10)),
+                     interpolation="nearest")
+
+
 def plot_attention_patterns(datas: list[dict], path: str) -> None:
-    """Figure 2: per run (a row): probabilities, value norms, their product, and the gate if any run has one.
-    Colour and axis scales are shared across runs so that magnitudes compare."""
+    """Figure 2: per run (a block): the value norms ||v_j|| above the probabilities p_ij, the product
+    ||p_ij v_j|| beside them, and the gate pi_i if any run has one, on the WINDOW consecutive tokens where the
+    heads put the most attention (attention_window; the same window for every run), with the attention on all
+    other keys summed in a last column. Log colour scales, shared across runs so that magnitudes compare; exact
+    zeros are white."""
     gated = any(d["gate"] is not None for d in datas)
-    ncol = 4 if gated else 3
-    T = max(len(d["tokens"]) for d in datas)
-    fs = max(2.5, min(7.0, 280.0 / T))
+    T = len(datas[0]["tokens"])
+    lo, hi = attention_window([d["probs"] for d in datas if len(d["tokens"]) == T])
+    wins = [_windowed(d, lo, hi) for d in datas]
+    fs = 9 if hi - lo <= WINDOW else max(3.0, 9.0 * WINDOW / (hi - lo))
     fig = _figure(*fig2_size(len(datas), gated))
-    axes = fig.subplots(len(datas), ncol, squeeze=False)
-    pmax = max(max(max(r) for r in d["product"]) for d in datas) or 1.0
-    vmax = max(max(d["value_norms"]) for d in datas) or 1.0
-    for row, d in zip(axes, datas):
-        toks = d["tokens"]
-        im = row[0].imshow(d["probs"], cmap="viridis", vmin=0.0, vmax=1.0)
-        row[0].set_title(f"{_who(d)}\nattention probabilities p_ij", fontsize=10)
-        _ticks(row[0], toks, "both", fs)
-        row[0].set_ylabel("query i")
-        fig.colorbar(im, ax=row[0], shrink=0.7)
-        row[1].bar(range(len(toks)), d["value_norms"], width=0.8, color="tab:orange")
-        row[1].set_xlim(-0.5, len(toks) - 0.5)
-        row[1].set_ylim(0, 1.05 * vmax)
-        row[1].set_title("value norms ||v_j||", fontsize=10)
-        _ticks(row[1], toks, "x", fs)
-        im = row[2].imshow(d["product"], cmap="viridis", vmin=0.0, vmax=pmax)
-        row[2].set_title("product ||p_ij v_j||  (rows: queries as on the left)", fontsize=10)
-        _ticks(row[2], toks, "x", fs)
-        row[2].set_yticks([])
-        fig.colorbar(im, ax=row[2], shrink=0.7)
+    subs = fig.subfigures(len(datas), 1, squeeze=False)[:, 0]
+    pmax = max(float(x["product"].max()) for x in wins) or 1.0
+    vmax = max(max(x["value_norms"]) for x in wins) or 1.0
+    for sub, d, x in zip(subs, datas, wins):
+        toks = x["tokens"]
+        cols = toks + ([f"other {x['n_other']}"] if x["n_other"] else [])
+        ax = sub.subplot_mosaic([["v", ".", "."], ["p", "q", "g"]] if gated else [["v", "."], ["p", "q"]],
+                                height_ratios=[1, 4.2], width_ratios=[4, 4, 1] if gated else [4, 4])
+        ax["v"].bar(range(len(toks)), x["value_norms"], width=0.8, color="tab:orange")
+        ax["v"].set_xlim(-0.5, len(cols) - 0.5)
+        ax["v"].set_ylim(0, 1.05 * vmax)
+        ax["v"].set_xticks([])
+        ax["v"].set_ylabel("||v_j||", fontsize=9)
+        ax["v"].set_title("value norms ||v_j|| of the keys below", fontsize=10)
+        im = _log_image(ax["p"], x["probs"][:, :len(cols)], 1.0, PROB_FLOOR)
+        ax["p"].set_title("attention probabilities p_ij (log colour scale)", fontsize=10)
+        _ticks(ax["p"], cols, "x", fs)
+        _ticks(ax["p"], toks, "y", fs)
+        ax["p"].set_ylabel("query i")
+        ax["p"].set_xlabel("key j")
+        sub.colorbar(im, ax=ax["p"], shrink=0.8, label="p_ij (white: exactly 0)")
+        im = _log_image(ax["q"], x["product"][:, :len(cols)], pmax, pmax * PROB_FLOOR)
+        ax["q"].set_title("||p_ij v_j|| (log colour scale): how far key j moves query i", fontsize=10)
+        _ticks(ax["q"], cols, "x", fs)
+        ax["q"].set_yticks([])
+        ax["q"].set_xlabel("key j")
+        sub.colorbar(im, ax=ax["q"], shrink=0.8)
         if gated:
-            g = d["gate"] if d["gate"] is not None else [1.0] * len(toks)
-            row[3].barh(range(len(toks)), g, color="tab:purple" if d["gate"] is not None else "lightgray")
-            row[3].set_xlim(0, 1)
-            row[3].set_ylim(len(toks) - 0.5, -0.5)
-            row[3].set_title("gate pi_i per query" if d["gate"] is not None else "no gate (pi_i = 1)", fontsize=10)
-            row[3].set_yticks([])
+            g = x["gate"] if x["gate"] is not None else [1.0] * len(toks)
+            ax["g"].barh(range(len(toks)), g, color="tab:purple" if x["gate"] is not None else "lightgray")
+            ax["g"].set_xlim(0, 1)
+            ax["g"].set_ylim(len(toks) - 0.5, -0.5)
+            ax["g"].set_title("gate pi_i" if x["gate"] is not None else "no gate\n(pi_i = 1)", fontsize=10)
+            ax["g"].set_yticks([])
+        sub.suptitle(_who(d), fontsize=11)
     d0 = datas[0]
     inputs = ("" if d0["arch"] != "bert" else " (original tokens)" if d0.get("unmasked", True) else
               " (with the validation batch's [MASK] tokens)")
+    where = (f"\ntokens {lo}-{hi - 1} of {T} (0-based), where the queries put the most attention; the last column "
+             f"sums the other keys" if (lo, hi) != (0, T) else "")
     fig.suptitle(f"Figure 2 - layer {d0['layer']}, head {d0['head']} (0-based), validation sequence "
-                 f"{d0['seq_index']}{inputs}" + _source_line(d0), fontsize=13)
+                 f"{d0['seq_index']}{inputs}{where}" + _source_line(d0), fontsize=12)
     fig.savefig(path, dpi=DPI)
 
 
@@ -1045,21 +1105,24 @@ def plot_variant_panel(data: dict, path: str) -> None:
         ax["b"].bar(range(len(pos)), pos, width=1.0, color="tab:blue")
         ax["b"].set_xlabel("token position (0 = CLS)" if data["arch"] == "vit" else "token position (0-based)")
         ax["b"].set_title("(b) outliers per token position", fontsize=10)
-    # (c) the chosen head's attention probabilities on the first positions of one sequence
-    n = min(len(att["tokens"]), 32)
-    probs = [row[:n] for row in att["probs"][:n]]
-    im = ax["c"].imshow(probs, cmap="viridis", vmin=0.0, vmax=1.0)
-    _ticks(ax["c"], att["tokens"][:n], "both", 7)
+    # (c) the chosen head's attention probabilities where it parks, on one sequence (attention_window)
+    lo, hi = attention_window([att["probs"]])
+    x = _windowed({**att, "product": att["probs"]}, lo, hi)
+    cols = x["tokens"] + ([f"other {x['n_other']}"] if x["n_other"] else [])
+    im = _log_image(ax["c"], x["probs"][:, :len(cols)], 1.0, PROB_FLOOR)
+    _ticks(ax["c"], cols, "x", 7)
+    _ticks(ax["c"], x["tokens"], "y", 7)
     ax["c"].set_xlabel("key j")
     ax["c"].set_ylabel("query i")
     gate = ""
     if att.get("gate"):
-        g = att["gate"][:n]
+        g = x["gate"]
         gate = f"; mean gate pi on these queries {sum(g) / len(g):.2f}"
     what = "image" if data["arch"] == "vit" else "sequence"
-    ax["c"].set_title(f"(c) attention p_ij, layer {att['layer']}, head {att['head']}, validation {what} "
-                      f"{att['seq_index']}\n(first {n} of {len(att['tokens'])} positions{gate})", fontsize=10)
-    fig.colorbar(im, ax=ax["c"], shrink=0.8)
+    ax["c"].set_title(f"(c) attention p_ij (log colour scale), layer {att['layer']}, head {att['head']}, validation "
+                      f"{what} {att['seq_index']}\n(positions {lo}-{hi - 1} of {len(att['tokens'])}{gate})",
+                      fontsize=10)
+    fig.colorbar(im, ax=ax["c"], shrink=0.8, label="p_ij (white: exactly 0)")
     # (d) every head's score, the chosen one framed
     grid = sc[pick["score"]]
     what = {"delimiter_mass": "attention mass on " + " ".join(sc.get("delimiters") or []),
