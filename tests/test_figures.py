@@ -209,6 +209,28 @@ def test_attention_sequence_unmasked_or_as_validated(loaded):
     assert F.attention_pattern_data(loaded["gated"].model, loaded["gated"].task, 0, 0, 5)["input_ids"] == original
 
 
+def test_attention_window_finds_where_the_heads_park_and_keeps_every_row_whole():
+    T = 40
+    p = torch.full((T, T), 0.1 / (T - 1))
+    p[:, 30] = 0.9  # every query parks on key 30 ...
+    p = p / p.sum(1, keepdim=True)
+    lo, hi = F.attention_window([p.tolist()], width=8)
+    assert hi - lo == 8 and lo <= 30 < hi
+    assert F.attention_window([p[:6, :6].tolist()], width=8) == (0, 6)  # short: the whole sequence
+    d = {"tokens": [str(i) for i in range(T)], "probs": p.tolist(), "product": (2 * p).tolist(),
+         "value_norms": [2.0] * T, "gate": None}
+    w = F._windowed(d, lo, hi)
+    assert w["probs"].shape == (8, 9) and w["n_other"] == T - 8 and w["tokens"] == d["tokens"][lo:hi]
+    torch.testing.assert_close(w["probs"].sum(1), torch.ones(8, dtype=torch.float64))  # the last column: the rest
+    torch.testing.assert_close(w["product"], 2 * w["probs"])
+    # two runs share one window: the sum of their maps decides
+    q = torch.full((T, T), 1.0 / T)
+    q[:, 2] += 5.0
+    q = q / q.sum(1, keepdim=True)
+    lo2, hi2 = F.attention_window([p.tolist(), q.tolist(), q.tolist()], width=8)
+    assert lo2 <= 2 < hi2
+
+
 # ------------------------------------------------------------------------------------------------- Figure 3
 def test_vit_patch_data(loaded):
     r = loaded["vit"]

@@ -625,3 +625,19 @@ def test_gate_lr_puts_the_gates_in_groups_of_their_own():
     assert {id(p) for g in scaled for p in g["params"]} == gates and all(g["lr_scale"] == 100 for g in scaled)
     assert sum(len(g["params"]) for g in groups) == sum(len(g["params"]) for g in plain)
     assert {g["weight_decay"] for g in scaled} == {0.1, 0.0}  # the gate weights decay, their biases do not
+
+
+def test_nothing_but_the_tests_imports_train():
+    """train.py is an entry point: the library (distill.py for continued training) sits below it."""
+    import re
+    importers = []
+    for folder, _, files in os.walk(REPO):
+        if os.sep + "tests" in folder or os.sep + "." in folder:
+            continue
+        for f in files:
+            if f.endswith(".py") and f != "train.py":
+                text = open(os.path.join(folder, f)).read()
+                if re.search(r"^\s*(import train\b|from train import)", text, re.M):
+                    importers.append(os.path.join(folder, f))
+    assert importers == []
+
