@@ -303,6 +303,16 @@ def run_folder(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
+def machine_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (physical RAM for the CPU), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
 def pick_device(name: str) -> torch.device:
     """"auto" (CUDA if present, else the CPU), "cpu", "cuda" or "cuda:N"; a clear error if CUDA is missing."""
     if name == "auto":

@@ -92,7 +92,8 @@ __all__ = [
     "DataError", "make_generator", "batch_indices", "shard",
     "find_wikitext", "TokenDataset", "mlm_mask", "unmask", "feature_inputs", "TextData", "load_text_data", "absolute_source",
     "read_cifar10", "builtin_images", "random_crop_flip_params", "crop_flip", "random_crop_flip", "resize",
-    "normalize", "ImageData", "load_image_data", "Task", "eval_sizes",
+    "normalize", "ImageData", "load_image_data", "Task", "eval_sizes", "RETRIEVAL_TASKS", "retrieval_pairs",
+    "encode_texts", "pad_batch",
 ]
 
 CACHE_FORMAT = "qt-data-v1"  # bump to invalidate every cache file written by an older data.py
@@ -923,6 +924,97 @@ class Task:
         if self.arch == "vit":
             return self.data.iter_valid(batch_size, max_batches)
         return self.data.iter_valid(batch_size, objective=TASKS[self.arch], max_batches=max_batches)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Retrieval pairs: the task of a sentence-embedding model (not in the paper)
+# ------------------------------------------------------------------------------------------------------------------
+
+RETRIEVAL_TASKS = ("halves", "headings")
+RETRIEVAL_SPLITS = ("all", "train", "valid")
+
+
+def _is_heading(line: str) -> bool:
+    return line.startswith("= ") and line.endswith(" =")
+
+
+def retrieval_pairs(source: str, task: str = "halves", n: int = 2000, split: str = "all", min_words: int = 40,
+                    max_words: int = 64, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Query / document pairs from a text source, for the task a sentence-embedding model exists for: find each
+    query's document among all N documents (metrics.retrieval_ranks).
+
+      halves    a passage = the first `max_words` words of a paragraph (a document of the source that is not a
+                WikiText title or heading line) with at least `min_words` words; query = its first half (by
+                words), document = its second half
+      headings  a WikiText section heading (`= = Heading = =`) and the first paragraph under it (at least 10
+                words): query = "Title: Heading" (the article's title, then the heading), document = the
+                paragraph's first `max_words` words; a source without WikiText headings has none
+
+    split: "train", "valid" or "all" (both, in that order). When there are more than n candidates, n are drawn
+    without replacement with a fixed seed (torch.randperm) and kept in text order. Returns {"queries", "docs",
+    "n", "candidates" (how many there were), "source", "task", "split", "min_words", "max_words", "seed"}.
+    DataError when fewer than 2 pairs can be made (nothing to retrieve among) or on a bad argument."""
+    if task not in RETRIEVAL_TASKS:
+        raise DataError(f"retrieval task {task!r} is unknown: choose one of {RETRIEVAL_TASKS}")
+    if split not in RETRIEVAL_SPLITS:
+        raise DataError(f"retrieval split {split!r} is unknown: choose one of {RETRIEVAL_SPLITS}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2 or not 2 <= min_words <= max_words:
+        raise DataError(f"need n >= 2 pairs and 2 <= min_words <= max_words, got n={n}, min_words={min_words}, "
+                        f"max_words={max_words}")
+    _, splits = _resolve_text_source(source, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+    names = ["train", "valid"] if split == "all" else [split]
+    missing = [s for s in names if s not in splits]
+    if missing:
+        raise DataError(f"{source} has no {missing[0]!r} split (it has {', '.join(sorted(splits))})")
+    pairs: list[tuple[str, str]] = []
+    for name in names:
+        title, heading = "", None
+        for doc in _iter_documents(splits[name]):
+            if _is_heading(doc):
+                text = doc.strip("= ").strip()
+                if doc.startswith("= = "):
+                    heading = f"{title}: {text}" if title else text
+                else:
+                    title, heading = text, None
+                continue
+            words = doc.split()
+            if task == "halves" and len(words) >= min_words:
+                words = words[:max_words]
+                half = len(words) // 2
+                pairs.append((" ".join(words[:half]), " ".join(words[half:])))
+            elif task == "headings" and heading is not None and len(words) >= 10:
+                pairs.append((heading, " ".join(words[:max_words])))
+            heading = None  # only the first paragraph under a heading
+    if len(pairs) < 2:
+        what = ("WikiText section headings (`= = Heading = =`) followed by a paragraph" if task == "headings" else
+                f"paragraphs of at least {min_words} words")
+        raise DataError(f"{source} ({split}) has {len(pairs)} {what}: a retrieval test needs at least 2")
+    candidates = len(pairs)
+    if candidates > n:
+        keep = torch.randperm(candidates, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        pairs = [pairs[i] for i in keep.tolist()]
+    return {"queries": [q for q, _ in pairs], "docs": [d for _, d in pairs], "n": len(pairs),
+            "candidates": candidates, "source": source, "task": task, "split": split, "min_words": min_words,
+            "max_words": max_words, "seed": seed}
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Each text as one sequence a BERT-style encoder reads: [CLS] tokens [SEP], cut to max_len tokens."""
+    if max_len < 3:
+        raise ValueError(f"max_len must be >= 3 ([CLS], a token, [SEP]), got {max_len}")
+    return [[tokenizer.cls_id, *tokenizer.encode(t)[:max_len - 2], tokenizer.sep_id] for t in texts]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequences of token ids -> {"input_ids": (B, L) padded with pad_id, "attention_mask": (B, L) bool, True = a
+    real token}, L the longest sequence."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def eval_sizes(train_config: dict) -> tuple[int, int]:

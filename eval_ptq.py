@@ -39,11 +39,12 @@ from tqdm import tqdm
 
 import baselines as B
 import quant as Q
-from checkpoint import atomic_write, check_writable, load_checkpoint, pick_device
+from checkpoint import atomic_write, check_writable, load_checkpoint, machine_memory, pick_device
 import audit_report
-from data import Task, eval_sizes, feature_inputs
+from data import RETRIEVAL_TASKS, DataError, Task, encode_texts, eval_sizes, feature_inputs, pad_batch, retrieval_pairs
 from int8 import kernel_line, to_int8
-from metrics import EmbeddingAgreement, OutlierStats, QuantNoise, evaluate, to_device
+from metrics import (EmbeddingAgreement, OutlierStats, QuantNoise, evaluate, mean_pool, paired_bootstrap,
+                     retrieval_ranks, retrieval_summary, to_device)
 from model import describe, model_from_checkpoint
 
 def parse_bits(s: str):
@@ -120,6 +121,105 @@ def quant_error(model, qmodel, task, batch_size, max_batches, device) -> dict:
     return {"final": final, "per_block": [{k: s[n][k] for k in keep} for n in outs]}
 
 
+# ------------------------------------------------------------------------------------------------ the task
+def retrieval_sets(tokenizer, source: str, tasks, n: int, split: str, max_len: int) -> dict:
+    """{task: {"pairs": data.retrieval_pairs(...) without the texts, "queries": [ids], "docs": [ids]}} for every
+    retrieval task the text allows (a task it cannot make, e.g. headings in text without WikiText headings, is
+    left out; DataError if none)."""
+    out, why = {}, []
+    for t in tasks:
+        try:
+            p = retrieval_pairs(source, t, n=n, split=split)
+        except DataError as e:
+            why.append(str(e))
+            continue
+        out[t] = {"pairs": {k: v for k, v in p.items() if k not in ("queries", "docs")},
+                  "queries": encode_texts(tokenizer, p["queries"], max_len),
+                  "docs": encode_texts(tokenizer, p["docs"], max_len)}
+    if not out:
+        raise DataError("; ".join(why))
+    return out
+
+
+@torch.no_grad()
+def embed(model, seqs, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """(N, d) mean-pooled final hidden states of token sequences (padded per batch; sorted by length so that a
+    batch pads little, then put back in order)."""
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = None
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        b = to_device(pad_batch([seqs[i] for i in idx], pad_id), device)
+        e = mean_pool(features(model, b), b["attention_mask"]).float().cpu()  # (B, d)
+        if out is None:
+            out = torch.empty(len(seqs), e.shape[1])
+        out[idx] = e
+    return out
+
+
+def retrieval_eval(model, sets: dict, pad_id: int, batch_size: int, device) -> dict:
+    """{task: (N,) ranks of each query's right document among the N} (metrics.retrieval_ranks)."""
+    return {t: retrieval_ranks(embed(model, s["queries"], pad_id, batch_size, device),
+                               embed(model, s["docs"], pad_id, batch_size, device)).tolist() for t, s in sets.items()}
+
+
+def retrieval_entry(fp_ranks: dict, seed_ranks: list[dict]) -> dict:
+    """Per task, a quantized setting's retrieval over PTQ seeds against FP's on the same queries: recall@1 and MRR
+    (mean +- std over seeds), and the paired difference to FP with its bootstrap 95% interval, each query's score
+    being its mean over the seeds (metrics.paired_bootstrap, seed 0)."""
+    out = {}
+    for t, fp in fp_ranks.items():
+        runs = [torch.tensor(r[t], dtype=torch.float64) for r in seed_ranks]
+        fpr = torch.tensor(fp, dtype=torch.float64)
+        out[t] = {"recall@1": _mean_std([float((r == 1).double().mean()) for r in runs]),
+                  "mrr": _mean_std([float((1 / r).mean()) for r in runs]),
+                  "vs_fp": {"recall@1": paired_bootstrap((fpr == 1).double(),
+                                                         torch.stack([(r == 1).double() for r in runs]).mean(0)),
+                            "mrr": paired_bootstrap(1 / fpr, torch.stack([1 / r for r in runs]).mean(0))},
+                  "ranks": [r[t] for r in seed_ranks]}
+    return out
+
+
+def _retrieval_line(entry: dict) -> str:
+    parts = []
+    for t, e in entry.items():
+        d = e["vs_fp"]["recall@1"]
+        parts.append(f"{t} recall@1 {100 * e['recall@1']['mean']:.1f}% ({100 * d['diff']:+.1f} points vs FP, 95% "
+                     f"interval [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{', within noise' if d['within_noise'] else ''})")
+    return "; ".join(parts)
+
+
+def eval_memory(cfg, batch_size: int) -> int:
+    """A rough estimate, in bytes, of an evaluation forward's peak memory: the activations the metrics record
+    for every layer (the attention scores and probabilities (B, H, T, T), about three of them alive per layer
+    with the quantized slots, and about a dozen (B, T, d) hidden states and two (B, T, d_ff)), float32."""
+    T = (cfg.image_size // cfg.patch_size) ** 2 + 1 if cfg.arch == "vit" else cfg.max_seq_len
+    per_layer = 3 * cfg.n_heads * T * T + 12 * T * cfg.d_model + 2 * T * cfg.d_ff
+    return 4 * batch_size * cfg.n_layers * per_layer
+
+
+def fit_eval_batch(cfg, eval_bs: int, eval_batches: int, have: int | None, share: float = 0.5):
+    """(batch size, batches, note): the evaluation batch halved (while it stays a whole divisor of the original, so
+    the same sequences are evaluated) until eval_memory fits `share` of the machine's memory; the note says so in
+    one line. ValueError if even one sequence per batch would not fit."""
+    if have is None or eval_memory(cfg, eval_bs) <= share * have:
+        return eval_bs, eval_batches, ""
+    bs = eval_bs
+    while bs % 2 == 0 and eval_memory(cfg, bs) > share * have:
+        bs //= 2
+    need = eval_memory(cfg, eval_bs)
+    if eval_memory(cfg, bs) > share * have:
+        raise ValueError(f"an evaluation batch of {bs} sequences of {cfg.max_seq_len} tokens needs about "
+                         f"{eval_memory(cfg, bs) / 2**30:.1f} GiB, more than half of this machine's "
+                         f"{have / 2**30:.1f} GiB: pass --eval-batch-size 1 (or a smaller divisor), or import the "
+                         f"model with a shorter --max-seq-len")
+    note = (f"memory: evaluation batches of {eval_bs} x {cfg.max_seq_len} tokens would need about {need / 2**30:.1f} "
+            f"GiB of this machine's {have / 2**30:.1f} GiB; using batches of {bs} (the same "
+            f"{eval_bs * eval_batches} sequences)")
+    return bs, eval_batches * (eval_bs // bs), note
+
+
 def act_ranges(qmodel) -> list[dict]:
     """Every calibrated activation quantizer's range [lo, hi] = s * ([qmin, qmax] - z), widest first: the
     tensors whose 8-bit grid is coarsest, candidates to keep in higher precision."""
@@ -154,19 +254,23 @@ def calibrated_copy(model, task: Task, qcfg, seed, calib_batches, calib_batch_si
 
 
 def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval_bs, eval_batches, device,
-            progress=True, int8: bool = False, sqnr_batches: int = 0, int8_kernel: str = "auto", **method):
+            progress=True, int8: bool = False, sqnr_batches: int = 0, int8_kernel: str = "auto",
+            retrieval: dict | None = None, pad_id: int = 0, **method):
     """One PTQ run: quantize a copy, calibrate, evaluate (the metric, if the model has a head) and measure the
     quantization error of the hidden states (quant_error) and the activation ranges (act_ranges). With int8, also
     evaluate the same calibrated model with its linear layers executed in integers (int8.py): r["int8"] holds
     that evaluation and r["int8_report"] which layers ran in int8, on which kernel (int8_kernel: "auto", "qengine"
     or "int_mm", int8.choose_kernel). `method`: calibrated_copy's smoothquant / per_token. The hidden-state error is
-    measured on the first `sqnr_batches` validation batches (0: all)."""
+    measured on the first `sqnr_batches` validation batches (0: all). With `retrieval` (retrieval_sets), also the
+    task: r["retrieval"] = {task: ranks} (and r["int8"]["retrieval"])."""
     sqnr_batches = min(sqnr_batches, eval_batches) if sqnr_batches else eval_batches
     qmodel = calibrated_copy(model, task, qcfg, seed, calib_batches, calib_batch_size, device, progress, **method)
     r = evaluate(qmodel, task, eval_bs, eval_batches, device, outliers=False, progress=progress) \
         if model.cfg.head else {}
     r["quant_error"] = quant_error(model, qmodel, task, eval_bs, sqnr_batches, device)
     r["act_ranges"] = act_ranges(qmodel)
+    if retrieval:
+        r["retrieval"] = retrieval_eval(qmodel, retrieval, pad_id, eval_bs, device)
     if int8:
         example = to_device(task.batch("train", calibration_steps(seed, 1)[0], calib_batch_size, seed=seed,
                                        augment=False), device)
@@ -177,12 +281,14 @@ def run_ptq(model, task: Task, qcfg, seed, calib_batches, calib_batch_size, eval
         # agreement of the integer execution with the simulation it executes (not with FP)
         r["int8"]["vs_simulated"] = quant_error(qmodel, imodel, task, eval_bs, sqnr_batches, device)["final"]
         r["int8_report"] = report
+        if retrieval:
+            r["int8"]["retrieval"] = retrieval_eval(imodel, retrieval, pad_id, eval_bs, device)
     return r
 
 
 def ptq_method(args) -> dict:
     """How a PTQ run quantizes: the paper's per-tensor setting, or a post-hoc baseline."""
-    return {"weights": "per-channel" if args.weight_per_channel else "per-tensor",
+    return {"scope": args.scope, "weights": "per-channel" if args.weight_per_channel else "per-tensor",
             "activations": "per-token inputs" if args.per_token else "per-tensor", "smoothquant": args.smoothquant}
 
 
@@ -314,6 +420,27 @@ def main(argv=None):
     ap.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                     help="not the paper's: fold SmoothQuant's factors s_j = max|X_j|^a / max|W_j|^(1-a) into the "
                          "model before quantizing (migration strength a, usually 0.5)")
+    ap.add_argument("--scope", default="paper", choices=list(Q.SCOPES),
+                    help="what is quantized: paper (sec. 5: every weight and activation: linear layers' inputs and "
+                         "outputs, residual sums, LayerNorm, softmax input and output, attention matmuls, "
+                         "embeddings) | linear_inputs (not the paper's: the weights and inputs of the linear layers "
+                         "only, as ONNX Runtime's static MatMul/Gemm quantization, FBGEMM / oneDNN and torchao's W8A8 "
+                         "linear do; the rest in floating point)")
+    ap.add_argument("--retrieval", default="", metavar="DATA",
+                    help="also the task of a sentence-embedding model (BERT encoders): retrieve each passage's second "
+                         "half from its first half, and each WikiText section heading's first paragraph, among N, "
+                         "on DATA (builtin-wiki, builtin, a .txt file or folder, wikitext-103:DIR); recall@1 and MRR "
+                         "of FP and of every quantized setting, with paired bootstrap 95%% intervals")
+    ap.add_argument("--retrieval-n", type=int, default=2000,
+                    help="pairs per retrieval task (drawn with a fixed seed when the text has more)")
+    ap.add_argument("--retrieval-split", default="all", choices=["all", "train", "valid"],
+                    help="which split of DATA the retrieval pairs come from")
+    ap.add_argument("--retrieval-tasks", nargs="+", default=list(RETRIEVAL_TASKS), choices=list(RETRIEVAL_TASKS),
+                    help="halves (a passage's second half from its first) | headings (a section's first paragraph "
+                         "from 'Title: Heading'; WikiText layout only)")
+    ap.add_argument("--retrieval-bits", nargs="+", type=parse_bits, default=None,
+                    help="the bit widths whose quantized models are also scored on the retrieval task (default: every "
+                         "--bits; each costs about as much as evaluating the model on 2 x N short texts per PTQ seed)")
     ap.add_argument("--int8", action="store_true",
                     help="also run each calibrated model with integer linear layers (int8 x int8 -> int32, "
                          "int8.py) and print both")
@@ -346,7 +473,8 @@ def _qcfg(args, model, wb, ab):
     return Q.QuantConfig(weight_bits=wb, act_bits=ab, weight_estimator=args.weight_estimator,
                          weight_per_channel=args.weight_per_channel, act_estimator=args.act_estimator,
                          act_percentile=args.act_percentile, skip=tuple(model.ptq_skip),
-                         weight_names=("weight", "fc1_weight"))  # fc1_weight: the MLP gate's first layer
+                         weight_names=("weight", "fc1_weight"),  # fc1_weight: the MLP gate's first layer
+                         scope=args.scope)
 
 
 def _mean_std(vals):
@@ -410,13 +538,35 @@ def _main(args):
     eval_bs = args.eval_batch_size or run_bs
     eval_batches = args.eval_batches or run_batches
     calib_bs = args.calib_batch_size or eval_bs
+    eval_bs, eval_batches, note = fit_eval_batch(cfg, eval_bs, eval_batches, machine_memory(device))
+    if note:
+        print(note)
     progress = not args.quiet
     m = metric_name(cfg)
+    sets = None
+    if args.retrieval:  # the task of a sentence-embedding model, built (and refused) before any evaluation
+        if cfg.arch != "bert" or task.tokenizer is None:
+            raise ValueError(f"--retrieval measures a BERT sentence encoder (mean-pooled final hidden states); this "
+                             f"model is {cfg.arch}: its task metric is its {'accuracy' if cfg.arch == 'vit' else 'perplexity'}")
+        if args.retrieval_n < 2:
+            raise ValueError(f"--retrieval-n {args.retrieval_n}: need at least 2 pairs")
+        sets = retrieval_sets(task.tokenizer, args.retrieval, args.retrieval_tasks, args.retrieval_n,
+                              args.retrieval_split, cfg.max_seq_len)
+    retrieval_bits = args.retrieval_bits or bits
+    if args.retrieval_bits and not set(retrieval_bits) <= set(bits):
+        raise ValueError(f"--retrieval-bits {['W%dA%d' % b for b in retrieval_bits]} must be among --bits "
+                         f"{['W%dA%d' % b for b in bits]}")
 
     t0 = time.perf_counter()
     fp = evaluate(model, task, eval_bs, eval_batches, device, outliers=True, progress=progress)
     t_fp = time.perf_counter() - t0
     fp.update(headline(fp))
+    if sets:
+        ranks = retrieval_eval(model, sets, cfg.pad_id, eval_bs, device)
+        fp["retrieval"] = {t: {**sets[t]["pairs"], **retrieval_summary(torch.tensor(r)), "ranks": r}
+                           for t, r in ranks.items()}
+        print("FP32 retrieval on " + args.retrieval + ": " + "; ".join(
+            f"{t} recall@1 {100 * v['recall@1']:.1f}%, MRR {v['mrr']:.3f} (N {v['n']})" for t, v in fp["retrieval"].items()))
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": ck.get("step"), "arch": cfg.arch,
               "attn_mode": cfg.attn_mode, "head": cfg.head, "config": ck["config"],
               "data": args.data or ck["train_config"].get("data", "builtin"), "fp": fp, "ptq": {},
@@ -433,6 +583,7 @@ def _main(args):
             t0 = time.perf_counter()
             runs.append(run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches,
                                 device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token,
+                                retrieval=sets if (wb, ab) in retrieval_bits else None, pad_id=cfg.pad_id,
                                 sqnr_batches=args.sqnr_batches if cfg.head else 0, int8_kernel=args.int8_kernel))
             t_q.append(time.perf_counter() - t0)
         key = f"W{wb}A{ab}"
@@ -440,6 +591,10 @@ def _main(args):
         entry["act_ranges"] = runs[0]["act_ranges"]  # seed args.seeds[0]
         result["ptq"][key] = entry
         print(f"{key}: {_ptq_line(entry, m, args.seeds)}")
+        if sets and (wb, ab) in retrieval_bits:
+            entry["retrieval"] = retrieval_entry({t: v["ranks"] for t, v in fp["retrieval"].items()},
+                                                 [r["retrieval"] for r in runs])
+            print(f"{key} retrieval: {_retrieval_line(entry['retrieval'])}")
         if int8:
             report = runs[0]["int8_report"]
             vs = [r["int8"]["vs_simulated"] for r in runs]
@@ -453,6 +608,10 @@ def _main(args):
                   f"{len(report['simulated'])} simulated): {_ptq_line(entry['int8'], m, args.seeds)}; {agree}final "
                   f"hidden states against the simulation's: SQNR >= {entry['int8']['vs_simulated']['sqnr_db']:.1f} dB, "
                   f"embedding cosine >= {entry['int8']['vs_simulated']['embedding_cosine']:.6f}")
+            if sets and (wb, ab) in retrieval_bits:
+                entry["int8"]["retrieval"] = retrieval_entry({t: v["ranks"] for t, v in fp["retrieval"].items()},
+                                                             [r["int8"]["retrieval"] for r in runs])
+                print(f"{key} executed in INT8, retrieval: {_retrieval_line(entry['int8']['retrieval'])}")
             print(kernel_line(report))
         elif args.int8:
             print(f"{key}: --int8 needs weights and activations of at most 8 bits; simulated only")

@@ -978,6 +978,10 @@ def _cmd_import(args):
           f"{shape}) from {args.hf_folder} into {args.run_folder}")
     for note in ck["imported_from"]["notes"]:
         print(f"  note: {note}")
+    if cfg["arch"] != "vit":  # what the evaluations will read (their memory grows with T^2)
+        chosen = ("--max-seq-len" if args.max_seq_len else "the model's max_position_embeddings: pass --max-seq-len "
+                  "128 (the paper's BERT) for shorter, cheaper ones")
+        print(f"  evaluation sequences: {cfg['max_seq_len']} tokens ({chosen})")
     print(f"next: python eval_ptq.py {args.run_folder} --analysis" + (" --data DATA" if args.data == "builtin" else ""))
 
 

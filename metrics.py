@@ -17,6 +17,12 @@ Bondarenko, Nagel, Blankevoort, "Quantizable Transformers" (NeurIPS 2023), secti
                    what an encoder's user sees (not in the paper): the cosine similarity of the mean-pooled
                    sentence embeddings of two models (FP vs quantized), and how often each sentence's nearest
                    neighbour among the others stays the same
+    retrieval_ranks, retrieval_summary
+                   the task a sentence-embedding model exists for (not in the paper): each query's right document
+                   among N by cosine similarity; recall@1 and mean reciprocal rank
+    paired_bootstrap, bootstrap_interval
+                   a paired bootstrap 95% interval on the difference of two models (or settings) scored on the
+                   same items, and a bootstrap interval on one score
     evaluate       the validation metric (perplexity or accuracy) and, optionally, the outlier metrics
 
 The model records its activations by name (`model(..., record=d)`, see model.py): blocks.{i}.attn_out,
@@ -33,6 +39,7 @@ from tqdm import tqdm
 
 __all__ = ["kurtosis", "inf_norm", "outlier_mask", "outlier_counts", "OutlierStats", "sqnr_db", "QuantNoise",
            "mean_pool", "cosine_rows", "nearest_neighbours", "neighbour_agreement", "EmbeddingAgreement",
+           "retrieval_ranks", "retrieval_summary", "paired_bootstrap", "bootstrap_interval",
            "evaluate", "n_targets", "to_device"]
 
 
@@ -338,6 +345,74 @@ class EmbeddingAgreement:
         cos = cosine_rows(a, b)
         return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n_sentences": int(a.shape[0]),
                 "neighbour_agreement": neighbour_agreement(a, b) if a.shape[0] >= 2 else float("nan")}
+
+
+# --------------------------------------------------------------------------------- the task: retrieval
+def retrieval_ranks(queries: torch.Tensor, docs: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N, d) query and (N, d) document embeddings, query i's right document being row i -> (N,) int64 rank of
+    the right document among all N by cosine similarity (1 = retrieved first). Ties count against the query:
+    rank = 1 + the number of OTHER documents at least as similar as the right one (so N identical documents give
+    rank N, never a lucky 1). Computed in float64, in chunks of queries."""
+    if queries.dim() != 2 or queries.shape != docs.shape or queries.shape[0] < 1:
+        raise ValueError(f"expected two (N, d) tensors of one shape, N >= 1, got {tuple(queries.shape)} and "
+                         f"{tuple(docs.shape)}")
+    q = queries.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    d = docs.double()
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    out = []
+    for lo in range(0, q.shape[0], chunk):
+        sim = q[lo:lo + chunk] @ d.T  # (n, N)
+        idx = torch.arange(lo, lo + sim.shape[0])
+        right = sim[torch.arange(sim.shape[0]), idx]  # (n,)
+        at_least = (sim >= right[:, None]).sum(1) - 1  # other documents at least as similar (itself excluded)
+        out.append(1 + at_least)
+    return torch.cat(out).long()
+
+
+def retrieval_summary(ranks: torch.Tensor) -> dict:
+    """{"recall@1", "recall@10", "mrr", "n"} of a (N,) rank vector: the share of queries whose right document
+    comes first (in the first 10), and the mean reciprocal rank mean(1 / rank)."""
+    r = torch.as_tensor(ranks).double()
+    return {"recall@1": float((r == 1).double().mean()), "recall@10": float((r <= 10).double().mean()),
+            "mrr": float((1.0 / r).mean()), "n": int(r.numel())}
+
+
+def _bootstrap_means(x: torch.Tensor, n_boot: int, seed: int, chunk: int = 500) -> torch.Tensor:
+    """(n_boot,) means of x over n_boot resamples of its N items with replacement (a fixed-seed generator)."""
+    g = torch.Generator().manual_seed(seed)
+    N = x.numel()
+    means = [x[torch.randint(0, N, (min(chunk, n_boot - i), N), generator=g)].mean(1)
+             for i in range(0, n_boot, chunk)]
+    return torch.cat(means)
+
+
+def bootstrap_interval(x, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """{"mean", "lo", "hi", "n"}: the mean of per-item scores x (N,) and its percentile bootstrap interval (items
+    resampled with replacement, n_boot resamples, fixed seed)."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    if x.numel() < 2:
+        raise ValueError(f"a bootstrap interval needs at least 2 items, got {x.numel()}")
+    m = _bootstrap_means(x, n_boot, seed)
+    a = (1 - level) / 2
+    return {"mean": float(x.mean()), "lo": float(m.quantile(a)), "hi": float(m.quantile(1 - a)), "n": x.numel()}
+
+
+def paired_bootstrap(a, b, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """The difference of two per-item scores on the SAME items (e.g. recall@1 of the quantized and the FP model
+    for each query), mean(b - a), with a paired percentile bootstrap interval: the items are resampled with
+    replacement (n_boot times, fixed seed) and each resample keeps every item's two scores together, so the
+    interval reflects how the two disagree, not how hard the items are.
+
+    Returns {"diff": mean(b) - mean(a), "lo", "hi", "a": mean(a), "b": mean(b), "n",
+             "within_noise": lo <= 0 <= hi (the interval contains 0: no difference shown at this level)}."""
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same items: {a.numel()} and {b.numel()} scores")
+    r = bootstrap_interval(b - a, n_boot, seed, level)
+    return {"diff": r["mean"], "lo": r["lo"], "hi": r["hi"], "a": float(a.mean()), "b": float(b.mean()), "n": r["n"],
+            "within_noise": r["lo"] <= 0.0 <= r["hi"]}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

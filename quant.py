@@ -10,6 +10,8 @@ Nothing" (NeurIPS 2023):
                -> CurrentMinMax, RunningMinMax, Percentile, MSE (and AllMinMax) range estimators
     sec. 5     "W8A8": every weight and activation quantized except the final linear layer
                -> QuantConfig, quantize_model, calibrate, set_quant_state, quant_summary
+    not the    QuantConfig(scope="linear_inputs"): the weights and inputs of the linear layers only, what
+    paper's    deployment toolchains quantize (ONNX Runtime static MatMul / Gemm, FBGEMM / oneDNN, torchao W8A8)
 
 The file is laid out like torchao: pure functions first (formula in each docstring), then range estimators
 (small modules whose forward records statistics and returns its input unchanged), then the module swapping that
@@ -38,7 +40,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "quant_range", "choose_qparams", "quantize", "dequantize", "fake_quantize",
     "CurrentMinMax", "AllMinMax", "RunningMinMax", "Percentile", "MSE",
-    "ActQuantizer", "WeightQuantizer", "QuantConfig", "quantize_model", "calibrate", "set_quant_state",
+    "ActQuantizer", "WeightQuantizer", "QuantConfig", "SCOPES", "quantize_model", "calibrate", "set_quant_state",
     "quant_summary", "quantized_linears", "linear_input_quantizers",
 ]
 
@@ -541,6 +543,12 @@ class WeightQuantizer(nn.Module):
 
 WEIGHT_ESTIMATORS = ("minmax", "mse")
 ACT_ESTIMATORS = ("running_minmax", "minmax", "percentile")
+# What is quantized. "paper": sec. 5's W8A8, every weight and every activation (the slots, and the outputs of every
+# nn.Linear, nn.Embedding and nn.LayerNorm). "linear_inputs": what deployment toolchains quantize (ONNX Runtime's
+# static quantization of MatMul / Gemm, FBGEMM / oneDNN quantized linear layers, torchao's W8A8 linear): the weight
+# and the input of every nn.Linear; residual sums, LayerNorm, softmax, the attention matmuls, embeddings and the
+# gates stay in floating point.
+SCOPES = ("paper", "linear_inputs")
 
 
 @dataclass
@@ -562,6 +570,8 @@ class QuantConfig:
     quantize_outputs_of     module types whose outputs get an activation quantizer
     weight_names            Parameter names (ndim >= 2, directly on a module) that are quantized as weights:
                             `weight`, and `fc1_weight` of the MLP gate (whose output layer is its `weight`)
+    scope                   "paper" (every slot, as above) | "linear_inputs" (only the weight and the input of
+                            every nn.Linear not under `skip`; everything else in floating point: SCOPES)
     """
 
     weight_bits: int = 8
@@ -575,6 +585,7 @@ class QuantConfig:
     skip_outputs: tuple = ()
     quantize_outputs_of: tuple = (nn.Linear, nn.Embedding, nn.LayerNorm)
     weight_names: tuple = ("weight", "fc1_weight")  # fc1_weight: the first layer of the MLP gate (attention.py)
+    scope: str = "paper"
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -588,6 +599,8 @@ class QuantConfig:
             bad("weight_estimator", f"one of {WEIGHT_ESTIMATORS}")
         if self.act_estimator not in ACT_ESTIMATORS:
             bad("act_estimator", f"one of {ACT_ESTIMATORS}")
+        if self.scope not in SCOPES:
+            bad("scope", f"one of {SCOPES}")
         if not isinstance(self.weight_per_channel, bool):
             bad("weight_per_channel", "a bool")
         if isinstance(self.act_momentum, bool) or not isinstance(self.act_momentum, (int, float)) \
@@ -641,6 +654,12 @@ def _quantize_output_hook(module, args, output):
     return module.output_quantizer(output)
 
 
+def _quantize_input_hook(module, args):
+    """Forward pre-hook (scope "linear_inputs", on the quantized copy only): the linear layer's input -> its input
+    quantizer; the tensor itself, which other consumers (a residual sum) may read, stays in floating point."""
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
 def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Module:
     """A W{weight_bits}A{act_bits} fake-quantized deep copy of `model`; `model` itself is never touched.
 
@@ -653,6 +672,9 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Modu
         WeightQuantizer parametrization (torch.nn.utils.parametrize): `module.weight` becomes the fake-quantized
         weight while the Parameter itself is unchanged, so a head TIED to that Parameter (e.g. a skipped
         `lm_head`) keeps using the FP weight. LayerNorm weights (1-D) and all biases stay FP.
+    With qcfg.scope == "linear_inputs" instead: each nn.Linear not under `qcfg.skip` gets the weight
+    parametrization and a child `input_quantizer` (ActQuantizer) applied to its input by a forward pre-hook, and
+    nothing else is quantized (slots stay nn.Identity, no output quantizers, embeddings and gates in FP).
     The forward pass and the module tree are otherwise unchanged. Activation quantizers start in the
     observing state: run `calibrate` before evaluating.
     """
@@ -662,6 +684,14 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig | None = None) -> nn.Modu
     modules = list(qmodel.named_modules())  # snapshot before any swap
     for name, module in modules:
         if not name or _under(name, qcfg.skip):
+            continue
+        if qcfg.scope == "linear_inputs":
+            if isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    parametrize.register_parametrization(module, "weight",
+                                                         _weight_quantizer(qcfg, f"{name}.weight"))
+                module.input_quantizer = _act_quantizer(qcfg, name + ".input_quantizer")
+                module.register_forward_pre_hook(_quantize_input_hook)
             continue
         if isinstance(module, nn.Identity):
             parent_name, _, child = name.rpartition(".")
@@ -803,6 +833,8 @@ def quant_summary(qmodel: nn.Module) -> dict:
             fp[name] = "in a module QuantConfig.skip leaves in floating point (the final linear layer, sec. 5)"
         elif p.ndim < 2 or pname.endswith("bias"):
             fp[name] = "a bias or LayerNorm parameter: elementwise, kept in floating point (as 32-bit biases are)"
+        elif qcfg is not None and qcfg.scope == "linear_inputs":
+            fp[name] = "not a linear layer's weight: scope linear_inputs quantizes linear layers only"
         elif pname in ("pos_embed", "cls_token"):
             fp[name] = ("added to the embeddings, not multiplied: kept in floating point like a bias; the sum is "
                         "quantized by the emb_sum activation quantizer")

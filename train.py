@@ -41,7 +41,8 @@ from tqdm import tqdm
 import data as D
 from attention import SelfAttention
 from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfinite_tensors, pick_device,
-                        remove_stale_tmp, rng_state, run_folder, save_checkpoint, set_rng_state)
+                        machine_memory, remove_stale_tmp, rng_state, run_folder, save_checkpoint,
+                        set_rng_state)
 from distill import OutlierTaps, distill_loss, features_forward, fidelity, load_teacher
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config
 from metrics import evaluate, n_targets, to_device
@@ -206,16 +207,6 @@ def memory_estimate(cfg, tc: TrainConfig, world: int = 1) -> int:
     train_bytes = B * cfg.n_layers * per_row_layer * nbytes + logits + 16 * params
     eval_bytes = ebs * cfg.n_layers * cfg.n_heads * T * T * 4
     return max(train_bytes, eval_bytes)
-
-
-def machine_memory(device: torch.device) -> int | None:
-    """Total memory of the device in bytes (physical RAM for the CPU), or None if unknown."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:

@@ -656,3 +656,50 @@ def test_vocab_file_of_prose_is_refused(tmp_path):
     path.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nThe cat sat on the mat.\nIt was raining.\n")
     with pytest.raises(DataError, match="line 6: expected one token"):
         WordPieceTokenizer.load(path)
+
+
+# ------------------------------------------------------------------------------------------ retrieval pairs
+def test_retrieval_pairs_halves_and_headings(tmp_path):
+    folder = tmp_path / "wt"
+    folder.mkdir()
+    words = [f"w{i}" for i in range(200)]
+    train = ["= Alpha =", " ".join(words[:50]), "= = History = =", " ".join(words[50:62]), "short one",
+             "= = = Early = = =", " ".join(words[100:160]), "= Beta =", "= = Use = =", "too short", " ".join(words[:45])]
+    (folder / "wiki.train.raw").write_text("\n".join(f" {line} " for line in train) + "\n")
+    (folder / "wiki.valid.raw").write_text(" = Gamma = \n " + " ".join(words[:41]) + " \n")
+    (folder / "wiki.test.raw").write_text(" = Delta = \n text here \n")
+    src = f"wikitext:{folder}"
+    p = data.retrieval_pairs(src, "halves", n=10, cache_dir=tmp_path / "c")
+    # paragraphs of >= 40 words (titles and headings are not passages), cut at max_words, halved by words
+    assert p["n"] == p["candidates"] == 4 and p["max_words"] == 64
+    assert p["queries"][0] == " ".join(words[:25]) and p["docs"][0] == " ".join(words[25:50])
+    assert p["queries"][1] == " ".join(words[100:130]) and p["docs"][1] == " ".join(words[130:160])
+    assert p["docs"][3] == " ".join(words[20:41])  # the valid split comes after train with split "all"
+    h = data.retrieval_pairs(src, "headings", n=10, split="train", cache_dir=tmp_path / "c")
+    # the first paragraph (>= 10 words) under each heading, the query "Title: Heading"; "Use" is followed by a
+    # paragraph too short, then none
+    assert h["queries"] == ["Alpha: History", "Alpha: Early"]
+    assert h["docs"] == [" ".join(words[50:62]), " ".join(words[100:160])]
+    # more candidates than n: a fixed-seed draw, kept in text order
+    a = data.retrieval_pairs(src, "halves", n=2, seed=3, cache_dir=tmp_path / "c")
+    assert a == data.retrieval_pairs(src, "halves", n=2, seed=3, cache_dir=tmp_path / "c") and a["n"] == 2
+    assert a["candidates"] == 4 and set(a["queries"]) <= set(p["queries"])
+    assert [p["queries"].index(q) for q in a["queries"]] == sorted(p["queries"].index(q) for q in a["queries"])
+    with pytest.raises(DataError, match="at least 2"):
+        data.retrieval_pairs(src, "halves", split="valid", cache_dir=tmp_path / "c")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(" ".join(words[i:i + 50]) for i in range(30)) + "\n")
+    with pytest.raises(DataError, match="WikiText section headings"):
+        data.retrieval_pairs(str(plain), "headings", cache_dir=tmp_path / "c")
+    for bad, needle in [({"task": "titles"}, "unknown"), ({"split": "test"}, "unknown"), ({"n": 1}, "n >= 2")]:
+        with pytest.raises(DataError, match=needle):
+            data.retrieval_pairs(src, **{"task": "halves", **bad}, cache_dir=tmp_path / "c")
+
+
+def test_encode_texts_and_pad_batch():
+    tok = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"])
+    seqs = data.encode_texts(tok, ["a b c a", "b"], max_len=4)
+    assert seqs == [[2, 5, 6, 3], [2, 6, 3]]  # [CLS] tokens [SEP], cut to max_len
+    b = data.pad_batch(seqs, pad_id=0)
+    assert b["input_ids"].tolist() == [[2, 5, 6, 3], [2, 6, 3, 0]]
+    assert b["attention_mask"].tolist() == [[True] * 4, [True, True, True, False]]

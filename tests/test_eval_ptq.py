@@ -225,3 +225,85 @@ def test_zero_probabilities_count_only_keys_a_query_may_attend_to():
     clipped = OPTLM(OPTConfig(**{**cfg.__dict__, "attn_mode": "clipped", "clip_alpha": 4.0}))
     zeros = eval_ptq.analyse(clipped, Task(), batch_size=2, max_batches=2, device="cpu")["layers"][0]["attn_zero_fraction"]
     assert all(0 < z < 1 for z in zeros)  # alpha 4, T 16: a near-uniform row keeps p only where t < 5
+
+
+def _wikitext_folder(root):
+    """A tiny WikiText-layout text with long paragraphs and section headings, for the retrieval task."""
+    import random
+    r = random.Random(0)
+    words = [f"word{i}" for i in range(60)] + "the cat dog sat on a mat and ran".split()
+    lines = []
+    for a in range(4):
+        lines.append(f" = Article {a} = ")
+        for h in range(4):
+            lines.append(f" = = Section {a}.{h} = = ")
+            lines += [" ".join(r.choice(words) for _ in range(r.randint(42, 70))) for _ in range(2)]
+    folder = root / "wt"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_text("\n".join(lines) + "\n")
+    (folder / "wiki.valid.raw").write_text("\n".join(lines[:9]) + "\n")
+    return folder
+
+
+def test_retrieval_task_and_the_linear_inputs_scope(runs, tmp_path, capsys):
+    """--retrieval: recall@1 / MRR of FP and of every quantized setting on the same queries, the paired difference
+    to FP with its bootstrap interval (W16A16: within noise), under the integer execution too; --scope
+    linear_inputs quantizes only the linear layers (recorded in ptq_method)."""
+    folder = _wikitext_folder(tmp_path)
+    res = eval_ptq.main([str(runs["bert"]), "--bits", "W8A8", "W16A16", "--seeds", "0", "1", "--quiet", "--device",
+                         "cpu", "--calib-batches", "2", "--retrieval", f"wikitext:{folder}", "--retrieval-n", "20",
+                         "--scope", "linear_inputs", "--int8", "--retrieval-bits", "W8A8", "W16A16",
+                         "--out", str(tmp_path / "o")])
+    fp = res["fp"]["retrieval"]
+    assert set(fp) == {"halves", "headings"} and fp["halves"]["n"] == 20 and fp["halves"]["candidates"] > 20
+    assert fp["headings"]["n"] == min(20, fp["headings"]["candidates"]) >= 16 and len(fp["halves"]["ranks"]) == 20
+    assert 0 <= fp["halves"]["recall@1"] <= 1 and 0 < fp["halves"]["mrr"] <= 1
+    for bits in ("W8A8", "W16A16"):
+        e = res["ptq"][bits]["retrieval"]["halves"]
+        assert len(e["ranks"]) == 2 and len(e["recall@1"]["values"]) == 2
+        d = e["vs_fp"]["recall@1"]
+        assert d["lo"] <= d["diff"] <= d["hi"] and d["a"] == pytest.approx(fp["halves"]["recall@1"])
+    assert res["ptq"]["W16A16"]["retrieval"]["halves"]["vs_fp"]["recall@1"]["within_noise"]
+    assert "retrieval" in res["ptq"]["W8A8"]["int8"]
+    assert res["ptq_method"]["scope"] == "linear_inputs"
+    out = capsys.readouterr().out
+    assert "FP32 retrieval" in out and "W8A8 retrieval: halves recall@1" in out and "points vs FP" in out
+    # the paper's scope quantizes more: its own slots; retrieval only where asked
+    res2 = eval_ptq.main([str(runs["bert"]), "--bits", "W8A8", "W8A6", "--seeds", "0", "--quiet", "--calib-batches",
+                          "2", "--retrieval", f"wikitext:{folder}", "--retrieval-n", "10", "--retrieval-bits", "W8A8",
+                          "--retrieval-tasks", "halves", "--out", str(tmp_path / "p")])
+    assert res2["ptq_method"]["scope"] == "paper" and "retrieval" not in res2["ptq"]["W8A6"]
+    assert set(res2["fp"]["retrieval"]) == {"halves"}
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--retrieval", "builtin-wiki"], "BERT sentence encoder"),
+    (["--retrieval", "/no/such/text"], "does not exist"),
+    (["--retrieval", "builtin-wiki", "--retrieval-n", "1"], "at least 2"),
+    (["--retrieval", "builtin-wiki", "--retrieval-bits", "W4A8"], "must be among --bits"),
+    (["--scope", "everything"], "invalid choice"),
+])
+def test_retrieval_and_scope_refusals(runs, tmp_path, extra, needle, capsys):
+    run = runs["opt"] if "BERT" in needle else runs["bert"]
+    with pytest.raises(SystemExit) as e:
+        eval_ptq.main([str(run), "--quiet", "--out", str(tmp_path), *extra])
+    assert e.value.code != 0
+    msg = str(e.value.code) + capsys.readouterr().err
+    assert needle in msg
+    assert not (tmp_path / "ptq.json").exists()
+
+
+def test_evaluation_batch_shrinks_to_fit_memory():
+    """An encoder imported at 512 positions would evaluate 64 x 512-token batches: the batch is halved, keeping
+    the same sequences, until the estimate fits half the machine's memory; one line says so."""
+    from model import get_config
+    cfg = get_config("bert-base", max_seq_len=512)
+    need = eval_ptq.eval_memory(cfg, 64)
+    assert need > 16 * 2**30  # the records of 12 layers' (64, 12, 512, 512) probabilities and more
+    bs, n, note = eval_ptq.fit_eval_batch(cfg, 64, 2, have=24 * 2**30)
+    assert bs < 64 and 64 % bs == 0 and bs * n == 128 and eval_ptq.eval_memory(cfg, bs) <= 12 * 2**30
+    assert note.startswith("memory:") and "the same 128 sequences" in note
+    assert eval_ptq.fit_eval_batch(cfg, 64, 2, have=None) == (64, 2, "")
+    assert eval_ptq.fit_eval_batch(get_config("bert-small"), 64, 2, have=24 * 2**30) == (64, 2, "")
+    with pytest.raises(ValueError, match="--eval-batch-size 1"):
+        eval_ptq.fit_eval_batch(cfg, 3, 2, have=2**30)

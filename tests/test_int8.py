@@ -170,6 +170,29 @@ def test_int8_model_equals_simulated_w8a8_end_to_end(preset, mode, extra, corpus
     assert sim != pytest.approx(fp, rel=1e-7) or preset.startswith("vit")  # the quantization does something
 
 
+@pytest.mark.parametrize("kernel", [KERNELS[0], pytest.param(("qengine", "default"), id="qengine")], indirect=True)
+def test_linear_inputs_scope_runs_in_integers(corpus, kernel):
+    """The deployment scope (quant.QuantConfig scope "linear_inputs"): every linear layer runs in int8 from its own
+    input quantizer, with float outputs, and the metric equals the simulation's."""
+    cfg = get_config("bert-small", attn_mode="gated", **TINY, max_seq_len=16, vocab_size=128)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.ndim >= 2 else 1.0)
+    task = Task.for_config(cfg, str(corpus))
+    batches = [task.batch("train", s, 8, seed=0) for s in range(4)]
+    qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig(scope="linear_inputs", skip=tuple(model.ptq_skip))),
+                     batches, lambda m, b: m(**b))
+    im, report = int8.to_int8(qm, batches[0], lambda m, b: m(**b), kernel=kernel, engine=_engine_of(kernel))
+    n_linear = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if n not in model.ptq_skip)
+    assert len(report["int8"]) == n_linear and report["simulated"] == {}
+    assert all(getattr(im.get_submodule(n), "output_quantizer", None) is None for n in report["int8"])
+    sim = evaluate(qm, task, 8, 3, "cpu", outliers=False)["val_ppl"]
+    got = evaluate(im, task, 8, 3, "cpu", outliers=False)["val_ppl"]
+    assert got == pytest.approx(sim, rel=1e-3)
+
+
 @pytest.mark.parametrize("kernel", KERNELS, indirect=True)
 def test_layer_without_output_quantizer_gives_float_output(kernel):
     """A linear layer whose output is not quantized (skip_outputs, e.g. an FFN's first layer quantized at its GELU

@@ -136,3 +136,70 @@ def test_embedding_metrics_agree_with_torch_and_refuse_bad_shapes():
         M.nearest_neighbours(torch.ones(1, 3))
     with pytest.raises(ValueError, match="shape"):
         M.neighbour_agreement(a, b[:5])
+
+
+# ------------------------------------------------------------------------------------ retrieval and intervals
+def test_retrieval_known_answers():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(50, 16, generator=g)
+    ranks = M.retrieval_ranks(e, e.clone())  # each query is its own document: all found first
+    assert torch.equal(ranks, torch.ones(50, dtype=torch.long))
+    s = M.retrieval_summary(ranks)
+    assert s == {"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0, "n": 50}
+    # a hand-built case (cosines by hand): query 0 finds doc 0 (cosine 1); query 1 = (0, 1) is closer to doc 2
+    # (0.995) than to its doc 1 (0.707); query 2 = (1, 0.2) is closer to doc 0 (0.981) and doc 1 (0.832) than to
+    # its doc 2 (0.293). Scale does not matter (doc 0 has norm 5).
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]])
+    d = torch.tensor([[5.0, 0.0], [1.0, 1.0], [0.1, 1.0]])
+    assert M.retrieval_ranks(q, d).tolist() == [1, 2, 3]
+    s = M.retrieval_summary(M.retrieval_ranks(q, d))
+    assert s["recall@1"] == pytest.approx(1 / 3) and s["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    # ties count against the query: identical documents give the worst rank, never a lucky first place
+    assert M.retrieval_ranks(torch.ones(4, 3), torch.ones(4, 3)).tolist() == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        M.retrieval_ranks(torch.ones(4, 3), torch.ones(5, 3))
+
+
+def test_retrieval_of_unrelated_embeddings_is_at_chance():
+    """Random queries and documents: recall@1 is 1/N per query, so over many trials the count of hits is
+    binomial(trials * N, 1/N); it must sit inside that distribution's 99.9% range."""
+    g = torch.Generator().manual_seed(1)
+    N, trials, hits = 20, 200, 0
+    for _ in range(trials):
+        r = M.retrieval_ranks(torch.randn(N, 8, generator=g), torch.randn(N, 8, generator=g))
+        hits += int((r == 1).sum())
+    n, p = N * trials, 1 / N
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(hits - n * p) < 3.3 * sd, (hits, n * p, sd)
+    # the mean reciprocal rank of a uniform rank in 1..N is H_N / N
+    r = torch.cat([M.retrieval_ranks(torch.randn(N, 8, generator=g), torch.randn(N, 8, generator=g))
+                   for _ in range(trials)])
+    assert M.retrieval_summary(r)["mrr"] == pytest.approx(sum(1 / k for k in range(1, N + 1)) / N, rel=0.1)
+
+
+def test_paired_bootstrap_interval_covers_a_known_difference():
+    """Paired 0/1 scores whose true mean difference is known: the 95% interval covers it in about 95% of
+    repeated experiments (binomial tolerance), is centred on the observed difference, and says 'within noise'
+    when the two score vectors are equal."""
+    g = torch.Generator().manual_seed(2)
+    true_diff, n, reps, covered = -0.03, 400, 200, 0
+    for rep in range(reps):
+        a = (torch.rand(n, generator=g) < 0.6).double()
+        flip = torch.rand(n, generator=g)
+        b = a.clone()
+        b[(a == 1) & (flip < 0.10)] = 0  # lose 10% of the hits (6 points) ...
+        b[(a == 0) & (flip < 0.075)] = 1  # ... gain 7.5% of the misses (3 points): true difference -3 points
+        r = M.paired_bootstrap(a, b, n_boot=1000, seed=rep)
+        assert r["lo"] <= r["diff"] <= r["hi"] and r["diff"] == pytest.approx(float((b - a).mean()))
+        covered += r["lo"] <= true_diff <= r["hi"]
+    assert 0.88 * reps <= covered <= reps, covered
+    same = M.paired_bootstrap(a, a)
+    assert same["diff"] == 0 and same["within_noise"]
+    far = M.paired_bootstrap(torch.ones(100), torch.zeros(100))
+    assert far["diff"] == -1 and not far["within_noise"]
+    # fixed seed: the same interval every time
+    assert M.paired_bootstrap(a, b) == M.paired_bootstrap(a, b)
+    with pytest.raises(ValueError, match="same items"):
+        M.paired_bootstrap(torch.ones(3), torch.ones(4))
+    ci = M.bootstrap_interval(a)
+    assert ci["lo"] < float(a.mean()) < ci["hi"]

@@ -595,3 +595,38 @@ def test_frozen_act_quantizer_fast_path_is_bit_exact():
     assert torch.equal(fast, ref) and torch.equal(fast, torch_ref)
     xg = x.clone().requires_grad_(True)
     assert torch.equal(q(xg), fast)
+
+
+def test_linear_inputs_scope_quantizes_only_the_linear_layers_weights_and_inputs(toy):
+    """scope "linear_inputs" (what deployment toolchains quantize): the set of quantized slots is exactly the
+    weight and the input of each linear layer not skipped; the tensor itself stays in floating point for its other
+    consumers (a residual sum), and everything else (embeddings, LayerNorm, slots, the gate) is untouched."""
+    model, calib, x = toy
+    qmodel = _ptq(model, calib, scope="linear_inputs")
+    s = quant_summary(qmodel)
+    assert set(s["act_quantizers"]) == {"fc1.input_quantizer", "fc2.input_quantizer"}
+    assert set(s["weight_quantizers"]) == {"fc1.weight", "fc2.weight"}
+    assert s["uncalibrated"] == []
+    assert isinstance(qmodel.res_sum, torch.nn.Identity) and isinstance(qmodel.act, torch.nn.Identity)
+    assert not hasattr(qmodel.ln1, "output_quantizer") and not hasattr(qmodel.fc2, "output_quantizer")
+    assert "not a linear layer's weight" in s["fp_params"]["wte.weight"]
+    assert "lm_head.weight" not in s["weight_quantizers"]  # skipped, as in the paper's scope
+    # the input is quantized inside the layer: fc1 sees q(ln1(h)), the residual sum reads the FP ln1(h)
+    seen = {}
+    hooks = [qmodel.fc1.register_forward_pre_hook(lambda m, a: seen.__setitem__("fc1_in", a[0])),
+             qmodel.ln1.register_forward_hook(lambda m, a, o: seen.__setitem__("ln1_out", o))]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    q = qmodel.fc1.input_quantizer
+    torch.testing.assert_close(seen["fc1_in"], fake_quantize(seen["ln1_out"], q.scale, q.zero_point, q.qmin, q.qmax))
+    assert not torch.equal(seen["fc1_in"], seen["ln1_out"])
+    # less quantized, less error, on this toy as on real models
+    with torch.no_grad():
+        y_fp = model(x)
+        err_lin = _rel_err(qmodel(x), y_fp)
+        err_paper = _rel_err(_ptq(model, calib)(x), y_fp)
+    assert 0 < err_lin < err_paper
+    with pytest.raises(ValueError, match="scope"):
+        QuantConfig(scope="everything")
