@@ -441,6 +441,8 @@ def main(argv=None):
     ap.add_argument("--retrieval-bits", nargs="+", type=parse_bits, default=None,
                     help="the bit widths whose quantized models are also scored on the retrieval task (default: every "
                          "--bits; each costs about as much as evaluating the model on 2 x N short texts per PTQ seed)")
+    ap.add_argument("--retrieval-seeds", type=int, default=0,
+                    help="score the retrieval task for the first N PTQ seeds only (0: every seed); the proxies use them all")
     ap.add_argument("--int8", action="store_true",
                     help="also run each calibrated model with integer linear layers (int8 x int8 -> int32, "
                          "int8.py) and print both")
@@ -553,6 +555,7 @@ def _main(args):
         sets = retrieval_sets(task.tokenizer, args.retrieval, args.retrieval_tasks, args.retrieval_n,
                               args.retrieval_split, cfg.max_seq_len)
     retrieval_bits = args.retrieval_bits or bits
+    retrieval_seeds = args.seeds[:args.retrieval_seeds] if args.retrieval_seeds > 0 else args.seeds
     if args.retrieval_bits and not set(retrieval_bits) <= set(bits):
         raise ValueError(f"--retrieval-bits {['W%dA%d' % b for b in retrieval_bits]} must be among --bits "
                          f"{['W%dA%d' % b for b in bits]}")
@@ -583,7 +586,8 @@ def _main(args):
             t0 = time.perf_counter()
             runs.append(run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches,
                                 device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token,
-                                retrieval=sets if (wb, ab) in retrieval_bits else None, pad_id=cfg.pad_id,
+                                retrieval=sets if (wb, ab) in retrieval_bits and seed in retrieval_seeds else None,
+                                pad_id=cfg.pad_id,
                                 sqnr_batches=args.sqnr_batches if cfg.head else 0, int8_kernel=args.int8_kernel))
             t_q.append(time.perf_counter() - t0)
         key = f"W{wb}A{ab}"
@@ -593,7 +597,7 @@ def _main(args):
         print(f"{key}: {_ptq_line(entry, m, args.seeds)}")
         if sets and (wb, ab) in retrieval_bits:
             entry["retrieval"] = retrieval_entry({t: v["ranks"] for t, v in fp["retrieval"].items()},
-                                                 [r["retrieval"] for r in runs])
+                                                 [r["retrieval"] for r in runs if "retrieval" in r])
             print(f"{key} retrieval: {_retrieval_line(entry['retrieval'])}")
         if int8:
             report = runs[0]["int8_report"]
@@ -610,7 +614,8 @@ def _main(args):
                   f"embedding cosine >= {entry['int8']['vs_simulated']['embedding_cosine']:.6f}")
             if sets and (wb, ab) in retrieval_bits:
                 entry["int8"]["retrieval"] = retrieval_entry({t: v["ranks"] for t, v in fp["retrieval"].items()},
-                                                             [r["int8"]["retrieval"] for r in runs])
+                                                             [r["int8"]["retrieval"] for r in runs
+                                                              if "retrieval" in r["int8"]])
                 print(f"{key} executed in INT8, retrieval: {_retrieval_line(entry['int8']['retrieval'])}")
             print(kernel_line(report))
         elif args.int8:

@@ -23,6 +23,8 @@ Weight memory counts the bytes a layer must keep to compute: FP32 weights, or in
 without AVX-512 VNNI: with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 it emulates an AVX2 machine on a newer one.
 
     python benchmarks/bench_int8.py                       # about 2 minutes on 2 cores
+    python benchmarks/bench_int8.py --run runs/minilm-study/run --scopes paper linear_inputs --skip-layers \
+        --kernels qengine --batch-size 16 --batches 2 --rounds 5     # a real encoder, both scopes side by side
     python benchmarks/bench_int8.py --preset bert-base --batch-size 8 --batches 2 --rounds 3 --threads 1 \
         --engines x86 onednn                              # both engines next to _int_mm
     FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_int8.py --no-onednn \
@@ -95,7 +97,8 @@ def _variants(kernels):
 
 
 def _name(key: str) -> str:
-    return NAMES.get(key, key)
+    base, at, scope = key.partition("@")
+    return NAMES.get(base, base) + (f"@{scope}" if at else "")
 
 
 def machine(kernels, no_onednn: bool) -> None:
@@ -174,27 +177,43 @@ def profile_forward(name: str, fn, rows: int = 12) -> None:
         print(f"    {e.key:<48} {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:4d} calls")
 
 
-@torch.no_grad()
-def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels, profile: bool = False) -> None:
-    cfg = get_config(preset)
+def load_model(preset: str, run: str):
+    """(model, name): a preset with random weights, or the model of a run folder (e.g. an imported pretrained
+    encoder, hf_checkpoint.py import)."""
+    if run:
+        from checkpoint import load_checkpoint
+        from model import model_from_checkpoint
+        model, cfg = model_from_checkpoint(load_checkpoint(run))
+        return model.eval(), f"{run} ({cfg.arch}, {cfg.n_layers} layers, d {cfg.d_model})"
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    return build_model(get_config(preset)).eval(), preset
+
+
+@torch.no_grad()
+def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels, profile: bool = False,
+                scopes=("paper",), run_dir: str = "") -> None:
+    model, name = load_model(preset, run_dir)
+    cfg = model.cfg
     data = batches_for(cfg, n_batches, batch)
-    qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig(skip=tuple(model.ptq_skip))),
-                     batches_for(cfg, 2, batch, seed=1), lambda m, b: m(**b))
 
     def run(m):
         return lambda: [m.forward_features(**b) for b in data]
 
-    fns, reports, integer = {"fp32": run(model), "sim": run(qm)}, {}, {}
-    for key, kern, engine in _variants(kernels):
-        im, reports[key] = int8.to_int8(qm, data[0], lambda m, b: m(**b), kernel=kern, engine=engine)
-        fns[key], integer[key] = run(im), im
+    fns, reports, integer, sims = {"fp32": run(model)}, {}, {}, {}
+    for scope in scopes:  # the paper's (every tensor) and the deployment's (the linear layers' inputs)
+        tag = "" if scope == "paper" else f"@{scope}"
+        qm = Q.calibrate(Q.quantize_model(model, Q.QuantConfig(skip=tuple(model.ptq_skip), scope=scope)),
+                         batches_for(cfg, 2, batch, seed=1), lambda m, b: m(**b))
+        fns["sim" + tag], sims["sim" + tag] = run(qm), qm
+        for key, kern, engine in _variants(kernels):
+            im, reports[key + tag] = int8.to_int8(qm, data[0], lambda m, b: m(**b), kernel=kern, engine=engine)
+            fns[key + tag], integer[key + tag] = run(im), im
     t = interleaved(fns, rounds)
     rep = next(iter(reports.values()), {"int8": [], "simulated": {}})
-    print(f"\n{preset} forward pass (to the final hidden states), {n_batches} batches of {batch} x "
+    print(f"\n{name} forward pass (to the final hidden states), {n_batches} batches of {batch} x "
           f"{cfg.max_seq_len}, median of {rounds} interleaved rounds; {len(rep['int8'])} linear layers in int8, "
-          f"{len(rep['simulated'])} simulated; s (x FP32's speed):")
+          f"{len(rep['simulated'])} simulated; scopes {', '.join(scopes)} (@linear_inputs: only the linear layers' "
+          f"weights and inputs quantized); s (x FP32's speed):")
     print(f"  {_ratios(t, 1.0, '.3f')}")
     for key, r in reports.items():
         print(f"  {_name(key)}: {int8.kernel_line(r)}")
@@ -202,9 +221,13 @@ def bench_model(preset: str, batch: int, n_batches: int, rounds: int, kernels, p
         print(f"  linear-layer weights: FP32 {weight_bytes(model) / 2**20:.1f} MiB, integer "
               f"{weight_bytes(im) / 2**20:.1f} MiB (the FP32 LM head, tied to the word embedding, is not counted)")
     if profile:
-        models = {"fp32": model, "sim": qm, **integer}
+        models = {"fp32": model, **sims, **integer}
         for key, m in models.items():
             profile_forward(key, lambda m=m: m.forward_features(**data[0]))
+    return {"model": name, "batch": batch, "batches": n_batches, "seq_len": cfg.max_seq_len, "rounds": rounds,
+            "threads": torch.get_num_threads(), "cpu": int8.cpu_info(), "seconds": t,
+            "speedup": {k: t["fp32"] / v for k, v in t.items()},
+            "kernels": {k: int8.kernel_line(r) for k, r in reports.items()}}
 
 
 def main():
@@ -223,6 +246,12 @@ def main():
                     help="turn oneDNN off, so torch._int_mm runs the plain loop a CPU without VNNI gets (emulation)")
     ap.add_argument("--skip-layers", action="store_true", help="only the whole-model timing")
     ap.add_argument("--skip-model", action="store_true", help="only the per-layer timing")
+    ap.add_argument("--scopes", nargs="+", default=["paper"], choices=list(Q.SCOPES),
+                    help="what is quantized, each timed in the same run: paper (every tensor) and / or "
+                         "linear_inputs (the linear layers' weights and inputs only, as deployment toolchains do)")
+    ap.add_argument("--run", default="", help="time the model of this run folder (e.g. an imported pretrained "
+                                               "encoder) instead of --preset with random weights")
+    ap.add_argument("--json", default="", help="also write the whole-model timing to this JSON file")
     ap.add_argument("--profile", action="store_true",
                     help="after the model timing, torch.profiler on one batch per variant: GEMMs vs the float parts")
     args = ap.parse_args()
@@ -240,7 +269,12 @@ def main():
     if not args.skip_layers:
         bench_layers(args.batch_size, args.rounds, kernels)
     if not args.skip_model:
-        bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels, args.profile)
+        res = bench_model(args.preset, args.batch_size, args.batches, args.rounds, kernels, args.profile,
+                          args.scopes, args.run)
+        if args.json:
+            import json
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

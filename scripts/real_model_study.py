@@ -51,18 +51,38 @@ import data as D  # noqa: E402
 import hf_checkpoint as H  # noqa: E402
 import tokenizer as T  # noqa: E402
 from checkpoint import atomic_write, check_writable, load_checkpoint  # noqa: E402
+from metrics import bootstrap_interval  # noqa: E402
 
 INSTALL = "pip install matplotlib"
 DELIM_NOTE = "[CLS], [SEP], '.', ','"
-STEPS = {  # name -> (what, eval_ptq.py flags)
-    "paper": ("the paper's PTQ (per-tensor weights and activations)",
+STEPS = {  # name -> (what is quantized and how, eval_ptq.py flags)
+    "paper": ("the paper's PTQ: every tensor, per-tensor weights",
               ["--analysis", "--int8", "--mixed-precision", "--bits", "W8A8", "W8A16", "W8A6", "W4A8"]),
-    "per-channel": ("per-channel weights, per-tensor activations (not the paper's)",
+    "per-channel": ("every tensor, per-channel weights (not the paper's)",
                     ["--weight-per-channel", "--bits", "W8A8", "W8A16", "W8A6"]),
-    "smoothquant": ("SmoothQuant alpha 0.5, per-tensor (not the paper's)", ["--smoothquant", "0.5", "--bits", "W8A8"]),
-    "per-token": ("per-channel weights, per-token dynamic linear inputs (not the paper's)",
+    "linear-inputs": ("linear layers' inputs only, per-tensor weights (a deployment's scope)",
+                      ["--scope", "linear_inputs", "--int8", "--bits", "W8A8", "W8A6"]),
+    "linear-inputs-per-channel": ("linear layers' inputs only, per-channel weights (a deployment's scope)",
+                                  ["--scope", "linear_inputs", "--weight-per-channel", "--int8", "--bits", "W8A8",
+                                   "W8A6"]),
+    "smoothquant": ("SmoothQuant alpha 0.5, every tensor, per-tensor (not the paper's)",
+                    ["--smoothquant", "0.5", "--bits", "W8A8"]),
+    "per-token": ("every tensor, per-channel weights, per-token dynamic linear inputs (not the paper's)",
                   ["--weight-per-channel", "--per-token", "--bits", "W8A8"]),
 }
+QUANT_FLAGS = ("--scope", "--weight-per-channel", "--smoothquant", "--per-token")  # how a step quantizes
+UNSEEN_STEPS = ("paper", "per-channel", "linear-inputs", "linear-inputs-per-channel")  # also scored on --unseen-data
+
+
+def quant_flags(step: str) -> list[str]:
+    """The flags of a step that say how it quantizes (scope, weights, baselines), without its extras."""
+    flags, out = STEPS[step][1], []
+    for i, f in enumerate(flags):
+        if f in QUANT_FLAGS:
+            out.append(f)
+            if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+                out.append(flags[i + 1])
+    return out
 
 
 def machine() -> dict:
@@ -164,12 +184,69 @@ def quality_rows(results: dict) -> list[dict]:
     return rows
 
 
+def task_table(results: dict) -> dict | None:
+    """The retrieval task at W8A8: FP (recall@1 with its bootstrap interval, MRR) and, per setting (simulated, and
+    executed in integers where it was), the change against FP on the same queries with its paired interval, beside
+    the proxy (embedding cosine to the model's own FP output). None without retrieval results."""
+    fp = next((r["fp"]["retrieval"] for r in results.values() if "retrieval" in r["fp"]), None)
+    if fp is None:
+        return None
+    out = {"fp": {t: {"recall@1": v["recall@1"], "mrr": v["mrr"], "n": v["n"], "candidates": v["candidates"],
+                      "split": v["split"], "source": v["source"],
+                      "recall@1_interval": bootstrap_interval([float(r == 1) for r in v["ranks"]])}
+                  for t, v in fp.items()},
+           "rows": []}
+    for step in STEPS:
+        e = results.get(step, {}).get("ptq", {}).get("W8A8")
+        if not e:
+            continue
+        for integer, src in ((False, e), (True, e.get("int8"))):
+            if not src or "retrieval" not in src:
+                continue
+            out["rows"].append({"step": step, "setting": STEPS[step][0] + (", executed in integers" if integer else ""),
+                                "integer": integer, "embedding_cosine": src["embedding_cosine"]["mean"],
+                                "seeds": len(next(iter(src["retrieval"].values()))["ranks"]),
+                                "tasks": {t: {"recall@1": v["recall@1"]["mean"], "mrr": v["mrr"]["mean"],
+                                              "vs_fp": v["vs_fp"]} for t, v in src["retrieval"].items()}})
+    return out
+
+
+def _points(d: dict) -> str:
+    """'-4.0 [-5.8, -2.2]' (points, paired 95% interval), '(within noise)' where it contains 0."""
+    return (f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+            + (" (within noise)" if d["within_noise"] else ""))
+
+
+def task_lines(tab: dict, title: str) -> list[str]:
+    tasks = list(tab["fp"])
+    f0 = tab["fp"][tasks[0]]
+    L = [f"{title} (`{f0['source']}`, split {f0['split']}): "
+         + "; ".join(f"{t}: N {tab['fp'][t]['n']} of {tab['fp'][t]['candidates']}" for t in tasks) + ".\n",
+         "| setting (W8A8) | embedding cosine (proxy) | " + " | ".join(
+             f"{t} recall@1 | {t}: change vs FP, points [95% interval]" for t in tasks) + " |",
+         "|---|---|" + "---|---|" * len(tasks)]
+    cells = []
+    for t in tasks:
+        v = tab["fp"][t]
+        ci = v["recall@1_interval"]
+        cells += [f"{100 * v['recall@1']:.1f}% [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]", "-"]
+    L.append("| FP32 | 1 | " + " | ".join(cells) + " |")
+    for r in tab["rows"]:
+        cells = []
+        for t in tasks:
+            v = r["tasks"].get(t)
+            cells += [f"{100 * v['recall@1']:.1f}%", _points(v["vs_fp"]["recall@1"])] if v else ["", ""]
+        L.append(f"| {r['setting']} | {r['embedding_cosine']:.4f} | " + " | ".join(cells) + " |")
+    return L
+
+
 def top_heads(analysis: dict, key: str, n: int = 5) -> list[tuple[float, int, int]]:
     heads = [(v, layer["layer"], h) for layer in analysis["layers"] for h, v in enumerate(layer[key] or [])]
     return sorted(heads, reverse=True)[:n]
 
 
-def write_report(out: Path, meta: dict, results: dict, tok: dict, figures: list[str]) -> str:
+def write_report(out: Path, meta: dict, results: dict, tok: dict, figures: list[str], unseen: dict | None = None,
+                 speed: dict | None = None) -> str:
     paper = results["paper"]
     an, fp = paper["analysis"], paper["fp"]
     L = []
@@ -210,6 +287,33 @@ def write_report(out: Path, meta: dict, results: dict, tok: dict, figures: list[
     L.append(f"- exact zeros among the attention probabilities: at most {100 * zeros:.3f}% in any head; below "
              f"{an['near_zero']:g}: at most {100 * near:.1f}% (softmax cannot output an exact zero: the paper's "
              f"argument for clipped softmax)\n")
+    tab = task_table(results)
+    if tab:
+        L.append("## The task: retrieval\n")
+        L.append("What the model is for: each query's document among N by the cosine of the mean-pooled embeddings "
+                 "(halves: a passage's second half from its first half; headings: a section's first paragraph from "
+                 "'Title: Heading'). Recall@1 of FP with its bootstrap 95% interval; for each quantized model the "
+                 "change against FP on the same queries, in points, with a paired bootstrap 95% interval (each "
+                 f"query's score averaged over the PTQ seeds scored: {meta['task_seeds']}); 'within noise' where "
+                 "the interval contains 0. The paper's claim is about the first setting: every tensor quantized, "
+                 "per-tensor weights. 'Linear layers' inputs only' is what deployment toolchains quantize (ONNX "
+                 "Runtime's static MatMul / Gemm quantization, FBGEMM / oneDNN linear layers, torchao's W8A8 linear): "
+                 "residual sums, LayerNorm, softmax and the attention matmuls stay in floating point.\n")
+        L += task_lines(tab, "On the study's text")
+        L.append("")
+        tab2 = task_table(unseen or {})
+        if tab2:
+            L += task_lines(tab2, "On text no run trained on, calibrated on the study's text (PTQ seed "
+                                  f"{meta['seeds'][0]})")
+            L.append("")
+    if speed:
+        sp = speed["speedup"]
+        names = {"sim": "simulated, every tensor", "qengine": "integers, every tensor",
+                 "sim@linear_inputs": "simulated, linear inputs", "qengine@linear_inputs": "integers, linear inputs"}
+        L.append(f"Speed of the forward pass against FP32 on this machine ({speed['batches']} batches of "
+                 f"{speed['batch']} x {speed['seq_len']} tokens, {speed['threads']} threads, median of "
+                 f"{speed['rounds']} interleaved rounds, `benchmarks/bench_int8.py`): "
+                 + ", ".join(f"{names.get(k, k)} {v:.2f}x" for k, v in sp.items() if k != "fp32") + ".\n")
     L.append("## Post-training quantization\n")
     L.append("Final hidden states of the quantized model against the FP model's, mean ± std over PTQ seeds. "
              "Cosine: of the mean-pooled sentence embeddings; neighbour kept: the share of sequences whose nearest "
@@ -273,7 +377,39 @@ def figure_data(results: dict, meta: dict) -> dict:
                          "cosine": r["embedding_cosine"]["mean"], "cosine_std": r["embedding_cosine"].get("std", 0),
                          "sqnr_db": r["sqnr_db"]["mean"]} for r in quality_rows(results)
                         if "integers" not in r["setting"]],
-            "mixed": results["paper"].get("mixed_precision")}
+            "mixed": results["paper"].get("mixed_precision"), "task": _task_figure_data(task_table(results))}
+
+
+def _task_figure_data(tab: dict | None) -> dict | None:
+    """Panel (c)'s data: the first retrieval task's recall@1 change against FP at W8A8, per setting."""
+    if not tab:
+        return None
+    t = next(iter(tab["fp"]))
+    short = {"paper": "every tensor, W per-tensor (paper)", "per-channel": "every tensor, W per-channel",
+             "linear-inputs": "linear inputs, W per-tensor", "linear-inputs-per-channel": "linear inputs, W per-channel",
+             "smoothquant": "SmoothQuant 0.5, every tensor", "per-token": "per-token inputs, every tensor"}
+    return {"task": t, "fp": tab["fp"][t]["recall@1"], "n": tab["fp"][t]["n"],
+            "rows": [{"label": short.get(r["step"], r["step"]) + (" (int8)" if r["integer"] else ""),
+                      "diff": r["tasks"][t]["vs_fp"]["recall@1"]["diff"], "lo": r["tasks"][t]["vs_fp"]["recall@1"]["lo"],
+                      "hi": r["tasks"][t]["vs_fp"]["recall@1"]["hi"], "cosine": r["embedding_cosine"]}
+                     for r in tab["rows"] if t in r["tasks"]]}
+
+
+def plot_task_panel(c, task: dict) -> None:
+    """Recall@1 change against FP (points) with its paired 95% interval, per W8A8 setting; the proxy beside."""
+    rows = task["rows"]
+    y = list(range(len(rows)))
+    diff = [100 * r["diff"] for r in rows]
+    err = [[100 * (r["diff"] - r["lo"]) for r in rows], [100 * (r["hi"] - r["diff"]) for r in rows]]
+    c.barh(y, diff, xerr=err, color=["tab:red" if r["hi"] < 0 else "tab:gray" for r in rows], capsize=3)
+    c.set_yticks(y, [r["label"] for r in rows], fontsize=8)
+    c.invert_yaxis()
+    c.axvline(0, color="k", lw=1)
+    for i, r in enumerate(rows):
+        c.annotate(f"cos {r['cosine']:.3f}", (0, i), fontsize=7, va="center", xytext=(4, 0), textcoords="offset points")
+    c.set_xlabel(f"recall@1 change vs FP ({100 * task['fp']:.1f}%), points; bars: paired 95% interval")
+    c.set_title(f"(c) W8A8 on the task: {task['task']} retrieval among {task['n']} (red: a loss beyond noise; "
+                f"cos: the proxy)", fontsize=10)
 
 
 def plot_headline(d: dict, path: Path) -> None:
@@ -299,6 +435,11 @@ def plot_headline(d: dict, path: Path) -> None:
     b.set_xlabel("layer (0-based)")
     b.set_ylabel("FFN-output inf-norm")
     b.set_title("(b) FFN-output inf-norm (k: kurtosis)", fontsize=10)
+    if d.get("task"):
+        plot_task_panel(c, d["task"])
+        fig.suptitle(d["title"], fontsize=11)
+        fig.savefig(path, dpi=120)
+        return
     q = d["quality"]
     y = range(len(q))
     c.barh(list(y), [r["cosine"] for r in q], xerr=[r["cosine_std"] for r in q], color="tab:blue")
@@ -386,7 +527,20 @@ def main(argv=None):
     ap.add_argument("--calib-batches", type=int, default=16, help="calibration batches per seed (the paper: 16)")
     ap.add_argument("--calib-batch-size", type=int, default=16, help="calibration sequences per batch")
     ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS), help="which PTQ steps to run")
-    ap.add_argument("--quick", action="store_true", help="one PTQ seed, 2 validation batches, 8 calibration batches")
+    ap.add_argument("--task-data", default="builtin-wiki",
+                    help="the retrieval task (eval_ptq.py --retrieval) on this text, FP against every setting at W8A8 "
+                         "('': skip)")
+    ap.add_argument("--unseen-data", default="builtin",
+                    help="the retrieval task also on this text (default: the standard library's docstrings, which "
+                         "no run trains on), for the paper's and the deployment's settings ('': skip)")
+    ap.add_argument("--task-n", type=int, default=2000, help="retrieval pairs per task (about +-1.5 points at 2,000)")
+    ap.add_argument("--task-seeds", type=int, default=1,
+                    help="PTQ seeds scored on the retrieval task (the first N of --seeds)")
+    ap.add_argument("--no-speed", dest="speed", action="store_false",
+                    help="skip the timing of FP32 against both scopes, simulated and in integers")
+    ap.add_argument("--quick", action="store_true",
+                    help="one PTQ seed, 2 validation batches, 8 calibration batches, 1,000 retrieval pairs, no unseen "
+                         "text")
     ap.add_argument("--no-plots", action="store_true", help="write the report without figures")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report and figures from the steps' ptq.json already in --out (no evaluation)")
@@ -394,9 +548,11 @@ def main(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.seeds, args.eval_batches, args.calib_batches = args.seeds[:1], 2, 8
+        args.task_n, args.unseen_data = min(args.task_n, 1000), ""
     model_dir, out = Path(args.model), Path(args.out)
     try:
-        for name in ("max_seq_len", "eval_batches", "eval_batch_size", "calib_batches", "calib_batch_size"):
+        for name in ("max_seq_len", "eval_batches", "eval_batch_size", "calib_batches", "calib_batch_size", "task_n",
+                     "task_seeds"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
         if not (model_dir / "config.json").is_file():
@@ -426,19 +582,38 @@ def study(args, model_dir: Path, out: Path) -> dict:
     print(f"tokenizer check: {tok}")
     common = ["--data", args.data, "--eval-batches", str(args.eval_batches), "--eval-batch-size",
               str(args.eval_batch_size), "--calib-batches", str(args.calib_batches), "--calib-batch-size",
-              str(args.calib_batch_size), "--seeds", *map(str, args.seeds), "--quiet"]
-    results = {}
-    for step in args.steps:
-        folder = out / f"ptq-{step}"
+              str(args.calib_batch_size), "--quiet"]
+    task = ["--retrieval-bits", "W8A8", "--retrieval-n", str(args.task_n), "--retrieval-seeds", str(args.task_seeds)]
+    plan = [(f"ptq-{step}", step, [*STEPS[step][1], *common, "--seeds", *map(str, args.seeds),
+                                   *(["--retrieval", args.task_data, *task] if args.task_data else [])])
+            for step in args.steps]
+    if args.unseen_data:  # the task on text no run trained on, calibrated on --data as deployed: W8A8, one seed
+        plan += [(f"unseen-{step}", step, [*quant_flags(step), "--bits", "W8A8", *common, "--seeds",
+                                           str(args.seeds[0]), "--retrieval", args.unseen_data, *task])
+                 for step in args.steps if step in UNSEEN_STEPS]
+    results, unseen = {}, {}
+    for name, step, flags in plan:
+        folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
+        into = results if name.startswith("ptq-") else unseen
         if args.report_only:
             if not (folder / "ptq.json").is_file():
                 raise ValueError(f"--report-only: {folder / 'ptq.json'} is missing; run the study without it first")
-            results[step] = json.loads((folder / "ptq.json").read_text())
+            into[step] = json.loads((folder / "ptq.json").read_text())
             continue
-        seconds[step] = run([sys.executable, str(ROOT / "eval_ptq.py"), str(run_dir), *STEPS[step][1], *common,
-                             "--out", str(folder)], folder / "log.txt")
-        results[step] = json.loads((folder / "ptq.json").read_text())
+        seconds[name] = run([sys.executable, str(ROOT / "eval_ptq.py"), str(run_dir), *flags, "--out", str(folder)],
+                            folder / "log.txt")
+        into[step] = json.loads((folder / "ptq.json").read_text())
+    speed = None
+    if args.speed:  # FP32 against both scopes, simulated and in integers, interleaved in one run
+        path = out / "speed" / "speed.json"
+        path.parent.mkdir(exist_ok=True)
+        if not args.report_only:
+            seconds["speed"] = run([sys.executable, str(ROOT / "benchmarks" / "bench_int8.py"), "--run", str(run_dir),
+                                    "--scopes", "paper", "linear_inputs", "--skip-layers", "--kernels", "qengine",
+                                    "--batch-size", "16", "--batches", "2", "--rounds", "5", "--json", str(path)],
+                                   path.parent / "log.txt")
+        speed = json.loads(path.read_text()) if path.is_file() else None
     cfg = results["paper"]["config"]
     ck = load_checkpoint(str(run_dir))
     meta = {"command": " ".join(["python scripts/real_model_study.py", *args.argv]),
@@ -447,7 +622,8 @@ def study(args, model_dir: Path, out: Path) -> dict:
             "params_m": sum(t.numel() for t in ck["model"].values()) / 1e6, "data": args.data,
             "max_seq_len": args.max_seq_len, "n_sequences": args.eval_batches * args.eval_batch_size,
             "calib_batches": args.calib_batches, "calib_batch_size": args.calib_batch_size, "seeds": args.seeds,
-            "machine": machine(), "step_seconds": seconds}
+            "task_data": args.task_data, "unseen_data": args.unseen_data, "task_n": args.task_n,
+            "task_seeds": args.seeds[:args.task_seeds], "machine": machine(), "step_seconds": seconds}
     figures = []
     if not args.no_plots:
         t0 = time.perf_counter()
@@ -458,6 +634,7 @@ def study(args, model_dir: Path, out: Path) -> dict:
         prev = json.loads((out / "report.json").read_text())["meta"]
         meta["minutes"], meta["step_seconds"], meta["command"] = prev["minutes"], prev["step_seconds"], prev["command"]
     report = {"meta": meta, "tokenizer": tok, "quality": quality_rows(results),
+              "task": {"data": task_table(results), "unseen": task_table(unseen)}, "speed": speed,
               "outliers": {"max_inf_norm": results["paper"]["fp"]["max_inf_norm"],
                            "avg_kurtosis": results["paper"]["fp"]["avg_kurtosis"],
                            "layers": [{k: layer[k] for k in ("layer", "tensors", "attn_mass_first_token",
@@ -466,7 +643,7 @@ def study(args, model_dir: Path, out: Path) -> dict:
                                       for layer in results["paper"]["analysis"]["layers"]]},
               "mixed_precision": results["paper"].get("mixed_precision")}
     atomic_write(out / "report.json", json.dumps(report, indent=1))
-    write_report(out, meta, results, tok, figures)
+    write_report(out, meta, results, tok, figures, unseen, speed)
     print(f"\nreport: {out / 'report.md'} ({meta['minutes']:.1f} min)")
     return report
 

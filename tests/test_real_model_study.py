@@ -36,9 +36,28 @@ def tiny_hf(tmp_path, monkeypatch):
 
 def test_study_end_to_end_on_a_tokenizer_json_only_checkpoint(tmp_path, tiny_hf, corpus):
     out = tmp_path / "study"
+    from test_eval_ptq import _wikitext_folder
+    wiki = _wikitext_folder(tmp_path)
+    plain = tmp_path / "plain.txt"  # no WikiText headings: the headings task is left out there
+    plain.write_text("\n".join(x for x in (wiki / "wiki.train.raw").read_text().splitlines() if "=" not in x) + "\n")
     rep = S.main(["--model", str(tiny_hf), "--out", str(out), "--data", str(corpus), "--max-seq-len", "16",
                   "--seeds", "0", "1", "--eval-batches", "2", "--eval-batch-size", "8", "--calib-batches", "2",
-                  "--calib-batch-size", "4", "--steps", "paper", "per-token"])
+                  "--calib-batch-size", "4", "--steps", "paper", "linear-inputs", "per-token", "--task-data",
+                  f"wikitext:{wiki}", "--unseen-data", str(plain), "--task-n", "20",
+                  "--task-seeds", "2"])
+    # the task: FP and every setting at W8A8 (simulated and integer), with paired intervals; on the unseen text
+    # the settings that have a deployment counterpart
+    task = rep["task"]["data"]
+    assert set(task["fp"]) == {"halves", "headings"} and task["fp"]["halves"]["n"] == 20
+    ci = task["fp"]["halves"]["recall@1_interval"]
+    assert ci["lo"] <= task["fp"]["halves"]["recall@1"] <= ci["hi"]
+    assert [(r["step"], r["integer"]) for r in task["rows"]] == [("paper", False), ("paper", True),
+                                                                ("linear-inputs", False), ("linear-inputs", True),
+                                                                ("per-token", False)]
+    assert all(r["seeds"] == 2 for r in task["rows"])
+    unseen = rep["task"]["unseen"]
+    assert set(unseen["fp"]) == {"halves"} and [r["step"] for r in unseen["rows"]] == ["paper", "linear-inputs"]
+    assert set(rep["speed"]["speedup"]) == {"fp32", "sim", "qengine", "sim@linear_inputs", "qengine@linear_inputs"}
     assert not (tiny_hf / "vocab.txt").exists() and (out / "run" / "vocab.txt").is_file()
     tok = rep["tokenizer"]
     assert tok["documents"] > 100 and tok["tokens"] > 1000 and tok["differ_vocab_txt"] == 0
@@ -57,7 +76,10 @@ def test_study_end_to_end_on_a_tokenizer_json_only_checkpoint(tmp_path, tiny_hf,
     assert len(rep["outliers"]["layers"]) == 2 and rep["outliers"]["max_inf_norm"] > 0
     text = (out / "report.md").read_text()
     for part in ("## Outliers (section 3)", "## Post-training quantization", "## Keeping the worst",
-                 "## Integer execution", "## Tokenizer", "0 documents with different ids", "Machine:"):
+                 "## Integer execution", "## Tokenizer", "0 documents with different ids", "Machine:",
+                 "## The task: retrieval", "| FP32 | 1 |", "points [95% interval]", "On text no run trained on",
+                 "linear layers' inputs only, per-tensor weights (a deployment's scope), executed in integers",
+                 "Speed of the forward pass"):
         assert part in text, part
     figdir = out / "figures"
     assert (figdir / "headline.json").is_file() and (figdir / "attention.json").is_file()
