@@ -4,16 +4,24 @@ scratch; used by `train.py --init-from RUN --distill-from RUN` and by scripts/co
 
     distill_loss   the relative squared error of the student's final hidden states against the teacher's
     OutlierTaps    lambda * mean log-kurtosis of every block's FFN output and residual sums (--outlier-penalty)
+    weight_penalty lambda * mean (log kurtosis - log 1.8)^2 of every quantized weight matrix (--weight-penalty;
+                   KURE, Shkolnik et al. 2020, on a log scale)
+    qat_model, calibrate_qat
+                   quantization-aware training (--qat W8A8): the student trained through the paper's fake
+                   quantization (straight-through estimator), its activation ranges re-estimated every
+                   --qat-recalib steps and frozen in between
     fidelity       how close the student stays to the teacher: SQNR, mean-pooled embedding cosine, neighbours
     load_teacher   the frozen original model, checked to read the same inputs as the student
 
 The model being trained is converted beforehand by `model.convert_pretrained` (a gated model starts exactly at
-the original function). Imports torch, checkpoint, data, metrics and model; nothing imports train.py.
+the original function). Imports torch, checkpoint, data, metrics, model and quant; nothing imports train.py.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 import torch
 
@@ -21,8 +29,10 @@ from checkpoint import load_checkpoint, run_folder
 from data import feature_inputs
 from metrics import EmbeddingAgreement, QuantNoise, kurtosis, to_device
 from model import model_from_checkpoint
+from quant import QuantConfig, calibrate, quantize_model
 
-__all__ = ["distill_loss", "OutlierTaps", "features_forward", "fidelity", "load_teacher"]
+__all__ = ["distill_loss", "OutlierTaps", "weight_penalty", "qat_config", "qat_model", "calibrate_qat",
+           "features_forward", "fidelity", "load_teacher"]
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +76,74 @@ class OutlierTaps:
             raise RuntimeError("OutlierTaps.penalty: no forward was recorded")
         logs = [kurtosis(x.float(), mask, grad=True).clamp_min(1.0).log().mean() for x in self.outputs]
         return torch.stack(logs).mean()
+
+
+KURE_TARGET = 1.8  # the kurtosis of a uniform distribution, KURE's target
+
+
+def weight_penalty(model: torch.nn.Module, skip=()) -> torch.Tensor:
+    """A pressure against weight outliers, after KURE (Shkolnik et al., NeurIPS 2020), on a log scale:
+
+        penalty = mean over weight matrices W of (log kurt(W) - log 1.8)^2        (kurtosis over all of W's values)
+
+    over every weight post-training quantization quantizes with one per-tensor range (Linear and Embedding
+    weights, ndim >= 2), except the modules in `skip` (the final layer) and the gates (new, starting at 0). 1.8 is
+    a uniform distribution's kurtosis, KURE's target; an imported BERT's FFN output weights reach 1,585 (log 7.4),
+    its other matrices 3 to 8. Scale-free like OutlierTaps. Differentiable; in a quantized copy (QAT) it reads
+    the floating-point weights."""
+    logs = []
+    for name, p in model.named_parameters():
+        name = name.replace(".parametrizations.", ".").replace(".original", "")
+        owner, _, pname = name.rpartition(".")
+        if p.ndim < 2 or pname != "weight" or ".attn.gate." in name or any(
+                owner == s or owner.endswith("." + s) for s in skip):
+            continue
+        w = p.float().flatten()
+        c = w - w.mean()
+        k = c.pow(4).mean() / c.pow(2).mean().pow(2).clamp_min(1e-30)
+        logs.append((k.clamp_min(1.0).log() - math.log(KURE_TARGET)).pow(2))
+    if not logs:
+        raise ValueError("--weight-penalty: the model has no weight matrices to penalise")
+    return torch.stack(logs).mean()
+
+
+# -------------------------------------------------------------------------------- quantization-aware training
+QAT_CALIB_OFFSET = 10_000_000  # the calibration batches' steps: a stream of their own, apart from training's
+
+
+def qat_config(bits: str, per_channel: bool, skip) -> QuantConfig:
+    """The paper's W8A8 (any WxAy) as QAT trains under it: every weight and activation (quant.py's paper scope),
+    symmetric per-tensor (or per-channel) min-max weights, asymmetric running min-max activations."""
+    w, a = parse_bits(bits)
+    return QuantConfig(weight_bits=w, act_bits=a, weight_per_channel=per_channel, skip=tuple(skip))
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """'W8A8' -> (8, 8); ValueError otherwise."""
+    m = re.fullmatch(r"[wW](\d+)[aA](\d+)", bits or "")
+    if not m or not all(2 <= int(b) <= 16 for b in m.groups()):
+        raise ValueError(f"bit widths must look like W8A8 with 2..16 bits, got {bits!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def qat_model(model: torch.nn.Module, qcfg: QuantConfig) -> torch.nn.Module:
+    """The fake-quantized copy QAT trains (quant.quantize_model): its weights are parametrized by WeightQuantizers
+    (ranges follow the weights, current min-max) and its activations pass through ActQuantizers, both with a
+    straight-through estimator in the backward pass (quant.fake_quantize). Its parameters are the trainable
+    floating-point weights; quant.fp_state_dict gives them back under the model's own names."""
+    return quantize_model(model, qcfg)
+
+
+@torch.no_grad()
+def calibrate_qat(qmodel, task, step: int, seed: int, n_batches: int = 16, batch_size: int = 16) -> None:
+    """Re-estimate QAT's activation ranges from the current weights (quant.calibrate: running min-max over
+    n_batches training batches of a stream of their own, a pure function of the seed and the step), then freeze
+    them until the next call; the model is left in training mode."""
+    batches = [feature_inputs(task.batch("train", QAT_CALIB_OFFSET + step * n_batches + i, batch_size, seed),
+                              qmodel.cfg.arch) for i in range(n_batches)]
+    device = next(qmodel.parameters()).device
+    calibrate(qmodel, [to_device(b, device) for b in batches], lambda m, b: m.forward_features(**b))
+    qmodel.train()
 
 
 def features_forward(model, batch, record):

@@ -164,6 +164,25 @@ def retrieval_eval(model, sets: dict, pad_id: int, batch_size: int, device) -> d
                                embed(model, s["docs"], pad_id, batch_size, device)).tolist() for t, s in sets.items()}
 
 
+def reuse_fp_ranks(path: str, checkpoint: str, ck: dict, sets: dict) -> dict:
+    """The FP model's retrieval ranks from an earlier ptq.json of the same checkpoint and the same retrieval pairs
+    (--retrieval-fp), instead of embedding every text again; ValueError if it is of another checkpoint or pairs."""
+    try:
+        prev = json.loads(open(path).read())
+        fp = prev["fp"]["retrieval"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--retrieval-fp {path}: not a ptq.json with the FP retrieval ranks ({e})") from None
+    if prev.get("checkpoint") != os.path.abspath(checkpoint) or prev.get("step") != ck.get("step"):
+        raise ValueError(f"--retrieval-fp {path}: written for {prev.get('checkpoint')} (step {prev.get('step')}), "
+                         f"not for {os.path.abspath(checkpoint)} (step {ck.get('step')})")
+    out = {}
+    for t, s in sets.items():
+        if t not in fp or any(fp[t].get(k) != v for k, v in s["pairs"].items()):
+            raise ValueError(f"--retrieval-fp {path}: its {t!r} retrieval pairs differ from these (source, split, N)")
+        out[t] = fp[t]["ranks"]
+    return out
+
+
 def retrieval_entry(fp_ranks: dict, seed_ranks: list[dict]) -> dict:
     """Per task, a quantized setting's retrieval over PTQ seeds against FP's on the same queries: recall@1 and MRR
     (mean +- std over seeds), and the paired difference to FP with its bootstrap 95% interval, each query's score
@@ -441,6 +460,9 @@ def main(argv=None):
     ap.add_argument("--retrieval-bits", nargs="+", type=parse_bits, default=None,
                     help="the bit widths whose quantized models are also scored on the retrieval task (default: every "
                          "--bits; each costs about as much as evaluating the model on 2 x N short texts per PTQ seed)")
+    ap.add_argument("--retrieval-fp", default="", metavar="PTQ_JSON",
+                    help="reuse the FP model's retrieval ranks from this earlier ptq.json of the same checkpoint and "
+                         "pairs (checked) instead of embedding the texts again")
     ap.add_argument("--retrieval-seeds", type=int, default=0,
                     help="score the retrieval task for the first N PTQ seeds only (0: every seed); the proxies use them all")
     ap.add_argument("--int8", action="store_true",
@@ -565,7 +587,8 @@ def _main(args):
     t_fp = time.perf_counter() - t0
     fp.update(headline(fp))
     if sets:
-        ranks = retrieval_eval(model, sets, cfg.pad_id, eval_bs, device)
+        ranks = reuse_fp_ranks(args.retrieval_fp, args.checkpoint, ck, sets) if args.retrieval_fp else None
+        ranks = ranks or retrieval_eval(model, sets, cfg.pad_id, eval_bs, device)
         fp["retrieval"] = {t: {**sets[t]["pairs"], **retrieval_summary(torch.tensor(r)), "ranks": r}
                            for t, r in ranks.items()}
         print("FP32 retrieval on " + args.retrieval + ": " + "; ".join(

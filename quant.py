@@ -41,7 +41,8 @@ __all__ = [
     "quant_range", "choose_qparams", "quantize", "dequantize", "fake_quantize",
     "CurrentMinMax", "AllMinMax", "RunningMinMax", "Percentile", "MSE",
     "ActQuantizer", "WeightQuantizer", "QuantConfig", "SCOPES", "quantize_model", "calibrate", "set_quant_state",
-    "quant_summary", "quantized_linears", "linear_input_quantizers",
+    "quant_summary", "quantized_linears", "linear_input_quantizers", "fp_state_dict", "frozen_ranges",
+    "set_frozen_ranges",
 ]
 
 EPS = torch.finfo(torch.float32).eps  # floor on every scale: no division by zero on degenerate ranges
@@ -751,6 +752,41 @@ def calibrate(qmodel: nn.Module, batches, forward_fn=None, quantize_while_observ
         raise ValueError("calibrate() got no batches")
     for _, q in acts:
         q.freeze()
+    return qmodel
+
+
+def fp_state_dict(qmodel: nn.Module) -> dict:
+    """The floating-point model's state dict of a quantized copy: each parametrized weight under its own name again
+    (`fc1.parametrizations.weight.original` -> `fc1.weight`), every quantizer's buffers left out, so that the
+    original model class loads it (e.g. the checkpoint of quantization-aware training)."""
+    quantizers = [n for n, m in qmodel.named_modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
+    out = {}
+    for k, v in qmodel.state_dict().items():
+        if any(k.startswith(q + ".") for q in quantizers):
+            continue
+        if ".parametrizations." in k or k.startswith("parametrizations."):
+            if not k.endswith(".original"):
+                continue
+            k = k.replace("parametrizations.", "").rsplit(".original", 1)[0]
+        out[k] = v
+    return out
+
+
+def frozen_ranges(qmodel: nn.Module) -> dict:
+    """{activation quantizer name: (scale, zero_point)} of a calibrated copy (frozen ranges; None where it saw no
+    data), to store and restore with `set_frozen_ranges` (e.g. quantization-aware training's checkpoints)."""
+    return {n: (None if q.scale is None else (q.scale.detach().clone(), q.zero_point.detach().clone()))
+            for n, q in _act_quantizers(qmodel)}
+
+
+def set_frozen_ranges(qmodel: nn.Module, ranges: dict) -> nn.Module:
+    """Freeze every activation quantizer at the (scale, zero_point) `frozen_ranges` returned (same names)."""
+    acts = dict(_act_quantizers(qmodel))
+    if set(acts) != set(ranges):
+        raise ValueError(f"the ranges are for other quantizers ({len(ranges)} given, the model has {len(acts)})")
+    for n, q in acts.items():
+        q.observing = False
+        q.scale, q.zero_point = (None, None) if ranges[n] is None else ranges[n]
     return qmodel
 
 

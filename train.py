@@ -43,9 +43,11 @@ from attention import SelfAttention
 from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfinite_tensors, pick_device,
                         machine_memory, remove_stale_tmp, rng_state, run_folder, save_checkpoint,
                         set_rng_state)
-from distill import OutlierTaps, distill_loss, features_forward, fidelity, load_teacher
+from distill import (OutlierTaps, calibrate_qat, distill_loss, features_forward, fidelity, load_teacher, parse_bits,
+                     qat_config, qat_model, weight_penalty)
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config
 from metrics import evaluate, n_targets, to_device
+from quant import fp_state_dict, frozen_ranges, set_frozen_ranges, set_quant_state
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -69,6 +71,12 @@ class TrainConfig:
                                     #   converted model whose new gates must move far in a short run
     outlier_penalty: float = 0.0    # not in the paper: lambda of the loss term lambda * mean log-kurtosis of every
                                     #   block's FFN output and residual sums (OutlierTaps), a pressure against outliers
+    weight_penalty: float = 0.0     # not in the paper: lambda of lambda * mean (log kurt(W) - log 1.8)^2 over the weight
+                                    #   matrices PTQ quantizes (distill.weight_penalty, after KURE), against weight outliers
+    qat: str = ""                   # not in the paper: quantization-aware training through this setting's fake quantization
+                                    #   (e.g. "W8A8": the paper's scope, every weight and activation; "": off)
+    qat_per_channel: bool = False   # with qat: per-channel weight ranges (default: per-tensor, the paper's)
+    qat_recalib: int = 50           # with qat: re-estimate the activation ranges every N steps (frozen in between)
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
@@ -152,6 +160,15 @@ def validate_train_config(tc: TrainConfig) -> None:
                             f"1 - lr * weight_decay; lr={tc.lr})")
     if not 0 <= tc.outlier_penalty <= 100:
         bad("outlier_penalty", "must be in [0, 100] (0: off; 0.01-1 is a useful range)")
+    if not 0 <= tc.weight_penalty <= 100:
+        bad("weight_penalty", "must be in [0, 100] (0: off; 0.01-1 is a useful range)")
+    if tc.qat:
+        try:
+            parse_bits(tc.qat)
+        except ValueError as e:
+            bad("qat", f"{e} (or empty: off)")
+    if tc.qat_recalib <= 0:
+        bad("qat_recalib", "must be a positive number of steps")
     if not 0 <= tc.gate_lr <= MAX_LR:
         bad("gate_lr", f"must be in [0, {MAX_LR:g}] (0: the same as lr)")
     if not (tc.ln_weight_decay == -1 or 0 <= tc.ln_weight_decay * tc.lr < 1):
@@ -291,6 +308,13 @@ HELP = {
     "gate_lr": "not in the paper: the gates' own peak learning rate (0: --lr), following the same schedule",
     "outlier_penalty": "not in the paper: add lambda * mean log-kurtosis of every block's FFN output and residual "
                        "sums to the loss (a pressure against outliers; 0: off)",
+    "weight_penalty": "not in the paper: add lambda * mean (log kurtosis - log 1.8)^2 of every weight matrix PTQ "
+                      "quantizes (after KURE, Shkolnik et al. 2020) to the loss, a pressure against weight outliers",
+    "qat": "not in the paper: quantization-aware training through this setting's fake quantization, e.g. W8A8 (the "
+           "paper's scope: every weight and activation; straight-through estimator; '': off)",
+    "qat_per_channel": "with --qat: per-channel weight ranges (default per-tensor, the paper's)",
+    "qat_recalib": "with --qat: re-estimate the activation ranges (running min-max, 16 x 16 training sequences) every "
+                   "N steps, frozen in between",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "gradient-norm clip (0: off)",
     "clip_warmup_steps": "clipped softmax (not in the paper): gamma grows linearly from 0 to its value over N steps",
     "short_seq_len": "text, not in the paper: train the first --short-seq-steps steps on sequences of this length "
@@ -592,8 +616,9 @@ def eval_batch_size(tc: TrainConfig) -> int:
 
 def build_models(run: Run, cfg, tc: TrainConfig, ck, task):
     """The model on the device (a new run with --init-from: the pretrained weights, converted by
-    model.convert_pretrained) and, with --distill-from, the frozen teacher (distill.load_teacher); then a check
-    that the run folder has room for its checkpoints."""
+    model.convert_pretrained; on --resume: the checkpoint's weights; with --qat: its fake-quantized copy, with the
+    checkpoint's activation ranges on --resume) and, with --distill-from, the frozen teacher
+    (distill.load_teacher); then a check that the run folder has room for its checkpoints."""
     model = build_model(cfg).to(run.device)
     teacher = None
     try:
@@ -601,6 +626,12 @@ def build_models(run: Run, cfg, tc: TrainConfig, ck, task):
             new = convert_pretrained(model, load_checkpoint(tc.init_from)["model"])
             if run.master:
                 print(f"initialised from {tc.init_from}; new parameters: {', '.join(new) or 'none'}")
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+        if tc.qat:  # not in the paper: train through the quantizer (distill.qat_model)
+            model = qat_model(model, qat_config(tc.qat, tc.qat_per_channel, model.ptq_skip)).to(run.device)
+            if ck is not None and ck.get("qat_ranges") is not None:
+                set_frozen_ranges(model, ck["qat_ranges"])
         if tc.distill_from:
             if run.ddp:
                 raise ValueError("--distill-from runs in one process (no torchrun)")
@@ -619,14 +650,13 @@ def build_models(run: Run, cfg, tc: TrainConfig, ck, task):
 
 
 def make_optimizer(model, tc: TrainConfig, ck, device):
-    """AdamW over param_groups and the fp16 gradient scaler; on --resume their state, the weights and the RNG
-    states are restored. Returns (optimizer, scaler, the step to start from)."""
+    """AdamW over param_groups and the fp16 gradient scaler; on --resume their state and the RNG states are
+    restored (the weights were, by build_models). Returns (optimizer, scaler, the step to start from)."""
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=tc.dtype == "fp16")
     if ck is None:
         return opt, scaler, 0
-    model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     if "scaler" in ck:
         scaler.load_state_dict(ck["scaler"])
@@ -660,16 +690,18 @@ def step_batches(run: Run, task, tc: TrainConfig, step: int) -> list[dict]:
 
 def forward_backward(run: Run, tc: TrainConfig, model, fwd_model, raw_model, batches, teacher, taps, amp, scaler, opt):
     """The loss of one optimizer step over its micro-batches and its gradient, accumulated, unscaled and clipped:
-    (loss, the outlier penalty, gradient norm). Each micro-batch's mean loss is weighted by its share of all
+    (loss, the pressures' values, gradient norm). Each micro-batch's mean loss is weighted by its share of all
     predictions in the global batch, so the gradient equals that of the global mean, whatever the split across
     micro-batches and ranks. With a teacher the loss is distill_loss on the final hidden states; with taps the
-    objective adds tc.outlier_penalty x their log-kurtosis (the logged loss stays the task's or distillation's)."""
+    objective adds tc.outlier_penalty x their log-kurtosis, and tc.weight_penalty x distill.weight_penalty (the
+    logged loss stays the task's or distillation's)."""
     counts = torch.tensor([float(n_targets(b)) for b in batches], device=run.device)
     total = counts.sum()
     if run.ddp:
         dist.all_reduce(total)
     step_loss = torch.zeros((), device=run.device)
     step_penalty = torch.zeros((), device=run.device)
+    step_wpen = torch.zeros((), device=run.device)
     for i, b in enumerate(batches):
         sync = (not run.ddp) or i == len(batches) - 1
         if taps is not None:
@@ -685,8 +717,12 @@ def forward_backward(run: Run, tc: TrainConfig, model, fwd_model, raw_model, bat
             objective = loss
             if taps is not None:  # not in the paper: the outlier pressure (distill.OutlierTaps)
                 penalty = taps.penalty(b.get("attention_mask"))
-                objective = loss + tc.outlier_penalty * penalty
+                objective = objective + tc.outlier_penalty * penalty
                 step_penalty += penalty.detach() * counts[i] / total
+            if tc.weight_penalty:  # not in the paper: the weights' (distill.weight_penalty, after KURE)
+                wpen = weight_penalty(raw_model, raw_model.ptq_skip)
+                objective = objective + tc.weight_penalty * wpen
+                step_wpen += wpen.detach() * counts[i] / total
         w = counts[i] / total * run.world
         scaler.scale(objective * w).backward()
         step_loss += loss.detach() * counts[i] / total
@@ -694,7 +730,7 @@ def forward_backward(run: Run, tc: TrainConfig, model, fwd_model, raw_model, bat
         dist.all_reduce(step_loss)
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-    return step_loss, step_penalty, grad_norm
+    return step_loss, {"log_kurtosis": step_penalty, "weight_log_kurtosis_sq": step_wpen}, grad_norm
 
 
 def check_step(run: Run, tc: TrainConfig, step: int, loss, grad_norm, scaler, distilling: bool) -> None:
@@ -716,12 +752,17 @@ def check_step(run: Run, tc: TrainConfig, step: int, loss, grad_norm, scaler, di
 
 def evaluate_and_log(run: Run, tc: TrainConfig, model, teacher, task, step: int) -> None:
     """Validation after `step` updates (the master process): the metric, the outlier metrics and, when
-    distilling, the fidelity to the teacher; logged and kept as run.last_eval."""
+    distilling, the fidelity to the teacher; logged and kept as run.last_eval. Under --qat, of the floating-point
+    model (the quantizers off), which is what the checkpoint holds."""
     if run.master:
+        if tc.qat:  # the floating-point model the checkpoint holds
+            set_quant_state(model, weights=False, acts=False)
         ev = evaluate(model, task, eval_batch_size(tc), tc.eval_batches, run.device,
                       forward=None if model.cfg.head else features_forward)
         if teacher is not None:
             ev.update(fidelity(model, teacher, task, eval_batch_size(tc), tc.eval_batches, run.device))
+        if tc.qat:
+            set_quant_state(model, weights=True, acts=True)
         run.log({"step": step, **ev})
         run.last_eval = ev
         summary = ", ".join(f"{k}={v:.3g}" for k, v in ev.items()
@@ -735,15 +776,18 @@ def evaluate_and_log(run: Run, tc: TrainConfig, model, teacher, task, step: int)
 def save(run: Run, step: int, model, opt, scaler, cfg, tc: TrainConfig, task) -> None:
     """The checkpoint of `step`, written atomically by the master; never a non-finite one (the loss was checked
     every step; the weights are checked here). It becomes the last good checkpoint."""
-    bad = nonfinite_tensors(model.state_dict())
+    state = fp_state_dict(model) if tc.qat else model.state_dict()  # QAT: the FP weights, under their own names
+    bad = nonfinite_tensors(state)
     if bad:
         run.stop(f"the weights became non-finite (inf / NaN) at step {step} ({', '.join(bad[:3])}). Lower --lr or "
                  f"--weight-decay, or use --dtype fp32", step, "weights")
     if run.master:
-        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+        ck = {"model": state, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
               "step": step, "config": config_to_dict(cfg), "train_config": asdict(tc), "rng": rng_state(),
               "vocab": task.tokenizer.vocab if task.tokenizer is not None else None,
               "metrics": run.last_eval, "first_loss": run.first_loss}
+        if tc.qat:
+            ck["qat_ranges"] = frozen_ranges(model)
         try:
             save_checkpoint(run.ckpt_path, ck) if run.rotate else save_checkpoint(run.ckpt_path, ck,
                                                                                   keep_previous=False)
@@ -771,6 +815,8 @@ def train_loop(run: Run, cfg, tc: TrainConfig, task, model, teacher, opt, scaler
     t0, tokens_since = time.perf_counter(), 0
     set_gamma_scale(raw_model, clip_gamma_scale(start, tc))
     for step in bar:
+        if tc.qat and step % tc.qat_recalib == 0:  # QAT: activation ranges from the current weights
+            calibrate_qat(raw_model, task, step, tc.seed)
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -789,7 +835,9 @@ def train_loop(run: Run, cfg, tc: TrainConfig, task, model, teacher, opt, scaler
             t0, tokens_since = time.perf_counter(), 0
             rec = {"step": done, "loss": loss.item(), "lr": lr, "items_per_s": rate}
             if taps is not None:
-                rec["log_kurtosis"] = penalty.item()
+                rec["log_kurtosis"] = penalty["log_kurtosis"].item()
+            if tc.weight_penalty:
+                rec["weight_log_kurtosis_sq"] = penalty["weight_log_kurtosis_sq"].item()
             run.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
         if done % tc.eval_interval == 0 or done == tc.steps:

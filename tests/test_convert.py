@@ -3,6 +3,7 @@
 layout. Not in the paper, which trains from scratch."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -110,35 +111,61 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import convert_study
+    from test_eval_ptq import _wikitext_folder
     monkeypatch.setenv("QT_DATA_CACHE", str(tmp_path / "cache"))
+    wiki = _wikitext_folder(tmp_path)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(x for x in (wiki / "wiki.train.raw").read_text().splitlines() if "=" not in x) + "\n")
     out = tmp_path / "convert"
-    res = convert_study.main(["--run", str(encoder_run), "--out", str(out), "--runs", "gated:ln-wd",
-                              "--steps", "4", "--segment", "2", "--eval-interval", "2", "--batch-size", "4",
-                              "--eval-batches", "1", "--eval-batch-size", "8", "--calib-batches", "1",
-                              "--ptq-seeds", "0", "--ln-weight-decay", "50", "--lr", "1e-3"])
-    (gated,) = res["runs"]
-    assert [p["step"] for p in gated["points"]] == [2, 4] and "per_tensor" in gated["points"][-1]
-    assert [c["step"] for c in gated["curve"]] == [2, 4]  # the second segment resumed the first
-    assert gated["losses"][0][1] < gated["losses"][-1][1]  # the pressure moves the model off the teacher
-    assert 0 < gated["curve"][-1]["fidelity_cosine"] < 1
-    assert set(gated["checks"]) >= {"ffn_cut", "ffn_cut_ok", "w8a8_cosine_ok", "fidelity_ok"}
+    argv = ["--run", str(encoder_run), "--out", str(out), "--runs", "softmax:kure", "gated:kure", "clipped:qat",
+            "--steps", "4", "--eval-interval", "2", "--batch-size", "4", "--eval-batches", "1",
+            "--eval-batch-size", "8", "--calib-batches", "1", "--ptq-seeds", "0", "--lr", "1e-3", "--task-data",
+            f"wikitext:{wiki}", "--task-n", "12", "--check-data", str(plain)]
+    res = convert_study.main(argv)
+    soft, gated, qat = res["runs"]
+    assert [p["step"] for p in gated["points"]] == [4] and [c["step"] for c in gated["curve"]] == [2, 4]
+    assert gated["flags"][-2:] == ["--weight-penalty", "0.1"] and "--qat" in qat["flags"]
+    assert gated["losses"][-1][1] > 1e-9  # started at the teacher (distillation alone: zero); the pressure moves it
+    assert qat["losses"][0][1] > 1e-6  # QAT: the quantized student is off the teacher from the start
+    for r in res["runs"]:
+        f = r["final"]
+        assert set(f["pt"]["bits"]) == set(f["pc"]["bits"]) == {"W8A8", "W8A6", "W4A8"}
+        assert len(f["pc"]["retrieval"]["fp"]) == len(f["pt"]["retrieval"]["W8A8"]) == 12
+        assert f["pt"]["retrieval"]["fp"] == f["pc"]["retrieval"]["fp"]  # the FP ranks reused, not recomputed
+        c = r["changes"]
+        for k in ("fp_vs_original", "pt_vs_original", "pt_vs_own_fp", "pc_vs_original", "unseen_pt_vs_original"):
+            assert c[k]["lo"] <= c[k]["diff"] <= c[k]["hi"], k
+        assert set(r["checks"]) >= {"pt_w8a8_cosine_ok", "pt_w8a8_task_ok", "pc_w8a6_cosine_ok"}
+    assert res["original_changes"]["fp_vs_original"]["diff"] == 0
+    # the parking heads followed into each model: gates for the gated run, exact zeros possible for clipped
+    heads = res["heads"]
+    assert list(heads) == ["original", "softmax:kure", "gated:kure", "clipped:qat"]
+    assert all(len(h) == len(heads["original"]) > 0 for h in heads.values())
+    assert all("gate_mean" in v for v in heads["gated:kure"].values())
+    assert all("gate_mean" not in v for v in heads["softmax:kure"].values())
     text = (out / "report.md").read_text()
-    assert "| original | 0 |" in text and "| gated:ln-wd | 4 |" in text and "targets met" in text
-    # the final model on text no run trained on: fidelity to the original and its own W8A8 there
-    assert 0 < gated["unseen"]["fidelity_cosine"] < 1 and res["original"]["unseen"]["fidelity_cosine"] > 0.9999
-    assert -1 <= gated["unseen"]["W8A8"]["embedding_cosine"] <= 1
-    assert "On text no run trained on (`builtin`)" in text
+    for part in ("| original | - |", "| gated:kure | ", "targets met", "vs original FP", "unseen text",
+                 "park on delimiters", "Targets: pt W8A8 cosine >= 0.98"):
+        assert part in text, part
     assert (out / "figures" / "curves.json").is_file()
+    again = convert_study.main(argv)  # a rerun reads what is finished
+    assert again["runs"][0]["final"] == soft["final"]
     with pytest.raises(SystemExit, match="attention:pressure"):
         convert_study.main(["--run", str(encoder_run), "--runs", "gated"])
+    with pytest.raises(SystemExit, match="pressure"):
+        convert_study.main(["--run", str(encoder_run), "--runs", "gated:kurt+magic"])
     table = convert_study.main(["seeds", str(out), str(out)])  # the same study twice: std 0
-    assert "| gated:ln-wd | 0 | 4 |" in table and "| **gated:ln-wd** | mean +- std |" in table
+    assert "| gated:kure | 0 | " in table and "| **gated:kure** | mean +- std |" in table
+    assert "| kure | gated vs softmax |" in table
     assert (out / "seeds.md").read_text() == table
     with pytest.raises(SystemExit, match="finished study folder"):
         convert_study.main(["seeds", str(tmp_path / "missing")])
-    args = type("A", (), {"outlier_penalty": 0.3, "gate_init": 0.5, "gate_lr": 0.0, "clip_alpha": 0.5})
+    args = type("A", (), {"outlier_penalty": 0.3, "weight_penalty": 0.2, "gate_init": 0.5, "gate_lr": 0.0,
+                          "clip_alpha": 0.5, "qat_recalib": 50})
     assert convert_study.train_flags("softmax:kurt", args) == ["--outlier-penalty", "0.3"]
-    assert convert_study.train_flags("gated:kurt", args)[-2:] == ["--outlier-penalty", "0.3"]
+    assert convert_study.train_flags("softmax:kurt+kure", args) == ["--outlier-penalty", "0.3", "--weight-penalty",
+                                                                    "0.2"]
+    assert convert_study.train_flags("gated:qat", args)[-4:] == ["--qat", "W8A8", "--qat-recalib", "50"]
 
 
 def test_differentiable_kurtosis_matches_the_metric_and_its_gradient():
@@ -193,3 +220,58 @@ def test_outlier_penalty_in_training(encoder_run, tmp_path):
     assert load_checkpoint(str(out))["train_config"]["outlier_penalty"] == 1
     with pytest.raises(SystemExit, match="outlier_penalty"):
         train.main([*common, "--outlier-penalty", "-1", "--out", str(tmp_path / "bad")])
+
+
+def test_weight_penalty_is_kure_on_a_log_scale_and_shrinks_weight_outliers(encoder_run):
+    model, cfg = model_from_checkpoint(load_checkpoint(str(encoder_run)))
+    with torch.no_grad():
+        model.blocks[0].fc2.weight[0, 0] = 50.0  # a weight outlier
+    names = [n for n, p in model.named_parameters() if p.ndim >= 2 and n.endswith(".weight")]
+    expected = []
+    for n in names:
+        w = dict(model.named_parameters())[n].detach().double().flatten()
+        c = w - w.mean()
+        expected.append((math.log((c ** 4).mean() / (c ** 2).mean() ** 2) - math.log(1.8)) ** 2)
+    pen = distill.weight_penalty(model)
+    assert pen.item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    pen.backward()
+    g = model.blocks[0].fc2.weight.grad
+    assert g[0, 0] > 0 and g[0, 0].abs() == g.abs().max()  # the outlier is pushed down hardest
+    # the gates (new, zero) are left out; so is the final layer given as skip; a quantized copy reads its FP weights
+    gated = build_model(config_from_dict({**load_checkpoint(str(encoder_run))["config"], "attn_mode": "gated"}))
+    convert_pretrained(gated, load_checkpoint(str(encoder_run))["model"])
+    assert torch.isfinite(distill.weight_penalty(gated))
+    import quant
+    q = quant.quantize_model(gated, quant.QuantConfig())
+    torch.testing.assert_close(distill.weight_penalty(q), distill.weight_penalty(gated))
+
+
+def test_qat_by_distillation_trains_through_the_quantizer_and_resumes_exactly(encoder_run, tmp_path):
+    """--qat W8A8: the student trains through the paper's fake quantization (every weight and activation), its
+    checkpoint holds plain FP weights (the model class loads them) and the activation ranges; the logged loss is
+    the quantized student's, the evaluations the FP model's; a resumed run continues with the same losses."""
+    common = _distill_args(encoder_run, 6, "1e-3", 3, 1) + ["--qat", "W8A8", "--qat-recalib", "2", "--schedule",
+                                                            "constant"]
+    out = tmp_path / "qat"
+    train.main([*common, "--out", str(out)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[0] > 1e-6  # the quantized student is off the FP teacher from the first step
+    ck = load_checkpoint(str(out))
+    model, cfg = model_from_checkpoint(ck)  # plain weights under the model's own names
+    assert ck["train_config"]["qat"] == "W8A8" and set(ck["qat_ranges"]) and all(
+        ".parametrizations." not in k for k in ck["model"])
+    evals = [r for r in log if "fidelity_cosine" in r]
+    assert len(evals) == 2 and evals[-1]["fidelity_cosine"] > 0.9  # the FP model stays near the teacher
+    # resume: stop at step 3, continue to 6, same losses (ranges restored, then re-estimated on schedule)
+    part = tmp_path / "qat-part"
+    train.main([*_distill_args(encoder_run, 3, "1e-3", 3, 1), "--qat", "W8A8", "--qat-recalib", "2", "--schedule",
+                "constant", "--out", str(part)])
+    train.main(["--resume", str(part), "--steps", "6", "--quiet"])
+    resumed = {r["step"]: r["loss"] for r in map(json.loads, (part / "log.jsonl").read_text().splitlines())
+               if "loss" in r}
+    assert [resumed[s] for s in range(1, 7)] == pytest.approx(losses, rel=1e-6)
+    with pytest.raises(SystemExit, match="qat"):
+        train.main([*common, "--qat", "W8", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="weight_penalty"):
+        train.main([*common, "--weight-penalty", "-1", "--out", str(tmp_path / "bad2")])

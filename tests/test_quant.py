@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quant
 from quant import (
     ActQuantizer, AllMinMax, CurrentMinMax, MSE, Percentile, QuantConfig, RunningMinMax, calibrate,
     choose_qparams, dequantize, fake_quantize, quant_range, quant_summary, quantize, quantize_model, set_quant_state,
@@ -630,3 +631,24 @@ def test_linear_inputs_scope_quantizes_only_the_linear_layers_weights_and_inputs
     assert 0 < err_lin < err_paper
     with pytest.raises(ValueError, match="scope"):
         QuantConfig(scope="everything")
+
+
+def test_fp_state_dict_and_frozen_ranges_round_trip(toy):
+    """A quantized copy's floating-point weights under the model's own names (what QAT saves), and its frozen
+    activation ranges stored and restored exactly."""
+    model, calib, x = toy
+    for scope in ("paper", "linear_inputs"):
+        qmodel = _ptq(model, calib, scope=scope)
+        sd = quant.fp_state_dict(qmodel)
+        ref = model.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+        fresh = ToyLM().eval()
+        fresh.load_state_dict(sd)  # strict: every key of the model, nothing else
+    qmodel = _ptq(model, calib)
+    ranges = quant.frozen_ranges(qmodel)
+    assert ranges["ids_in"] is None and ranges["res_sum"][0].numel() == 1
+    other = quant.set_frozen_ranges(quantize_model(model, QuantConfig()), ranges)
+    with torch.no_grad():
+        assert torch.equal(other(x), qmodel(x))
+    with pytest.raises(ValueError, match="other quantizers"):
+        quant.set_frozen_ranges(quantize_model(model, QuantConfig(scope="linear_inputs")), ranges)
