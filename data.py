@@ -93,7 +93,7 @@ __all__ = [
     "find_wikitext", "TokenDataset", "mlm_mask", "unmask", "feature_inputs", "TextData", "load_text_data", "absolute_source",
     "read_cifar10", "builtin_images", "random_crop_flip_params", "crop_flip", "random_crop_flip", "resize",
     "normalize", "ImageData", "load_image_data", "Task", "eval_sizes", "RETRIEVAL_TASKS", "retrieval_pairs",
-    "encode_texts", "pad_batch",
+    "encode_texts", "pad_batch", "calibration_steps",
 ]
 
 CACHE_FORMAT = "qt-data-v1"  # bump to invalidate every cache file written by an older data.py
@@ -1015,6 +1015,13 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Ten
         ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, :len(s)] = True
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def calibration_steps(seed: int, n: int, pool: int = 1_000_000) -> list[int]:
+    """The training steps whose batches calibrate PTQ seed `seed` (n of them, drawn at random from `pool`): the
+    paper's "16 calibration batches sampled from the training set", the same for every tool that asks."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randint(0, pool, (n,), generator=g).tolist()
 
 
 def eval_sizes(train_config: dict) -> tuple[int, int]:

@@ -41,7 +41,8 @@ import baselines as B
 import quant as Q
 from checkpoint import atomic_write, check_writable, load_checkpoint, machine_memory, pick_device
 import audit_report
-from data import RETRIEVAL_TASKS, DataError, Task, encode_texts, eval_sizes, feature_inputs, pad_batch, retrieval_pairs
+from data import (RETRIEVAL_TASKS, DataError, Task, calibration_steps, encode_texts, eval_sizes, feature_inputs,
+                  pad_batch, retrieval_pairs)
 from int8 import kernel_line, to_int8
 from metrics import (EmbeddingAgreement, OutlierStats, QuantNoise, evaluate, mean_pool, paired_bootstrap,
                      retrieval_ranks, retrieval_summary, to_device)
@@ -67,9 +68,6 @@ def headline(metrics: dict) -> dict:
     return {"max_inf_norm": max(inf), "avg_kurtosis": sum(kur) / len(kur)}
 
 
-def calibration_steps(seed: int, n: int, pool: int = 1_000_000):
-    g = torch.Generator().manual_seed(10_000 + seed)
-    return torch.randint(0, pool, (n,), generator=g).tolist()
 
 
 class FeatureTask:
