@@ -43,8 +43,8 @@ from attention import SelfAttention
 from checkpoint import (CheckpointError, check_writable, load_checkpoint, nonfinite_tensors, pick_device,
                         machine_memory, remove_stale_tmp, rng_state, run_folder, save_checkpoint,
                         set_rng_state)
-from distill import (OutlierTaps, calibrate_qat, distill_loss, features_forward, fidelity, load_teacher, parse_bits,
-                     qat_config, qat_model, weight_penalty)
+from distill import (OutlierTaps, calibrate_qat, decay_weight_outliers, distill_loss, features_forward, fidelity,
+                     load_teacher, parse_bits, qat_config, qat_model, weight_penalty)
 from model import CONFIGS, PRESETS, build_model, config_from_dict, config_to_dict, convert_pretrained, get_config
 from metrics import evaluate, n_targets, to_device
 from quant import fp_state_dict, frozen_ranges, set_frozen_ranges, set_quant_state
@@ -73,6 +73,8 @@ class TrainConfig:
                                     #   block's FFN output and residual sums (OutlierTaps), a pressure against outliers
     weight_penalty: float = 0.0     # not in the paper: lambda of lambda * mean (log kurt(W) - log 1.8)^2 over the weight
                                     #   matrices PTQ quantizes (distill.weight_penalty, after KURE), against weight outliers
+    weight_outlier_decay: float = 0.0  # not in the paper: each step, the part of every quantized weight beyond 6 sigma of
+                                    #   its matrix shrinks by lr * this (distill.decay_weight_outliers; AdamW-style)
     qat: str = ""                   # not in the paper: quantization-aware training through this setting's fake quantization
                                     #   (e.g. "W8A8": the paper's scope, every weight and activation; "": off)
     qat_per_channel: bool = False   # with qat: per-channel weight ranges (default: per-tensor, the paper's)
@@ -162,6 +164,9 @@ def validate_train_config(tc: TrainConfig) -> None:
         bad("outlier_penalty", "must be in [0, 100] (0: off; 0.01-1 is a useful range)")
     if not 0 <= tc.weight_penalty <= 100:
         bad("weight_penalty", "must be in [0, 100] (0: off; 0.01-1 is a useful range)")
+    if not 0 <= tc.weight_outlier_decay * tc.lr < 1:
+        bad("weight_outlier_decay", f"must be >= 0 with lr * weight_outlier_decay < 1 (each step shrinks the weights' "
+                                    f"excess beyond 6 sigma by that share; lr={tc.lr})")
     if tc.qat:
         try:
             parse_bits(tc.qat)
@@ -310,6 +315,8 @@ HELP = {
                        "sums to the loss (a pressure against outliers; 0: off)",
     "weight_penalty": "not in the paper: add lambda * mean (log kurtosis - log 1.8)^2 of every weight matrix PTQ "
                       "quantizes (after KURE, Shkolnik et al. 2020) to the loss, a pressure against weight outliers",
+    "weight_outlier_decay": "not in the paper: after each step, shrink the part of every weight PTQ quantizes that lies "
+                            "beyond 6 sigma of its matrix by lr * this (a decoupled step, like AdamW's weight decay)",
     "qat": "not in the paper: quantization-aware training through this setting's fake quantization, e.g. W8A8 (the "
            "paper's scope: every weight and activation; straight-through estimator; '': off)",
     "qat_per_channel": "with --qat: per-channel weight ranges (default per-tensor, the paper's)",
@@ -827,6 +834,9 @@ def train_loop(run: Run, cfg, tc: TrainConfig, task, model, teacher, opt, scaler
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        if tc.weight_outlier_decay:  # not in the paper: a decoupled step on the weights' 6-sigma excess
+            penalty["weight_max_sigma"] = decay_weight_outliers(raw_model, lr * tc.weight_outlier_decay,
+                                                                skip=raw_model.ptq_skip)
         tokens_since += sum(b["labels"].numel() for b in batches) * run.world
         done = step + 1
         set_gamma_scale(raw_model, clip_gamma_scale(done, tc))  # for the evaluation below and the next step
@@ -838,6 +848,8 @@ def train_loop(run: Run, cfg, tc: TrainConfig, task, model, teacher, opt, scaler
                 rec["log_kurtosis"] = penalty["log_kurtosis"].item()
             if tc.weight_penalty:
                 rec["weight_log_kurtosis_sq"] = penalty["weight_log_kurtosis_sq"].item()
+            if tc.weight_outlier_decay:
+                rec["weight_max_sigma"] = penalty["weight_max_sigma"]
             run.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", rate=f"{rate:.0f}/s")
         if done % tc.eval_interval == 0 or done == tc.steps:

@@ -20,6 +20,8 @@ step s1, evaluate, --resume to s2, ...). A run is "<attention>:<pressure>":
                      residual sums (not in the paper)
               kure   train.py --weight-penalty: lambda * mean (log kurtosis - log 1.8)^2 of every weight matrix PTQ
                      quantizes (after KURE, Shkolnik et al. 2020; not in the paper)
+              wod    train.py --weight-outlier-decay: after each step, every weight's excess beyond 6 sigma of its
+                     matrix shrinks by lr * this (a decoupled step, like AdamW's decay; not in the paper)
               qat    train.py --qat W8A8: quantization-aware training by distillation through the paper's W8A8 fake
                      quantization (every weight and activation, per-tensor; straight-through estimator; activation
                      ranges re-estimated every 50 steps and frozen in between) - the usual baseline, not the paper's
@@ -60,7 +62,7 @@ from metrics import bootstrap_interval, paired_bootstrap  # noqa: E402
 
 ATTENTION = {"softmax": [], "gated": ["--attn-mode", "gated", "--gate-type", "linear"],
              "clipped": ["--attn-mode", "clipped"]}
-PRESSURES = ("ln-wd", "kurt", "kure", "qat")
+PRESSURES = ("ln-wd", "kurt", "kure", "wod", "qat")
 TARGETS = {"pt_w8a8_cosine": 0.98, "pc_w8a6_cosine": 0.95}
 BITS = ["W8A8", "W8A6", "W4A8"]
 TASK = "halves"  # the retrieval task of the study (data.retrieval_pairs)
@@ -206,6 +208,8 @@ def train_flags(name: str, args) -> list[str]:
         flags += ["--outlier-penalty", str(args.outlier_penalty)]
     if "kure" in parts:
         flags += ["--weight-penalty", str(args.weight_penalty)]
+    if "wod" in parts:
+        flags += ["--weight-outlier-decay", str(args.weight_outlier_decay)]
     if "qat" in parts:
         flags += ["--qat", "W8A8", "--qat-recalib", str(args.qat_recalib)]
     return flags
@@ -489,6 +493,9 @@ def main(argv=None):
                          "1 - lr * this)")
     ap.add_argument("--outlier-penalty", type=float, default=0.1, help="the kurt pressure's lambda")
     ap.add_argument("--weight-penalty", type=float, default=0.1, help="the kure pressure's lambda")
+    ap.add_argument("--weight-outlier-decay", type=float, default=200.0,
+                    help="the wod pressure: each step shrinks every weight's excess beyond 6 sigma of its matrix by "
+                         "lr * this (0.02 at lr 1e-4)")
     ap.add_argument("--qat-recalib", type=int, default=50, help="qat: re-estimate activation ranges every N steps")
     ap.add_argument("--gate-init", type=float, default=0.5, help="gated: pi_init")
     ap.add_argument("--gate-lr", type=float, default=1e-2, help="gated: the gates' own learning rate (0: --lr)")

@@ -275,3 +275,27 @@ def test_qat_by_distillation_trains_through_the_quantizer_and_resumes_exactly(en
         train.main([*common, "--qat", "W8", "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="weight_penalty"):
         train.main([*common, "--weight-penalty", "-1", "--out", str(tmp_path / "bad2")])
+
+
+def test_weight_outlier_decay_shrinks_only_the_excess_beyond_six_sigma(encoder_run, tmp_path):
+    model, cfg = model_from_checkpoint(load_checkpoint(str(encoder_run)))
+    w = model.blocks[0].fc2.weight
+    with torch.no_grad():
+        w[0, 0] = 5.0  # an outlier
+    before = w.detach().clone()
+    mu, sd = before.mean(), before.std()
+    hi = mu + 6 * sd
+    worst = distill.decay_weight_outliers(model, 0.25)
+    assert worst == pytest.approx(float((before - mu).abs().max() / sd), rel=1e-5)
+    # the excess beyond mu + 6 sigma shrank by a quarter; every weight inside the band is untouched
+    assert w[0, 0].item() == pytest.approx(float(before[0, 0] - 0.25 * (before[0, 0] - hi)), rel=1e-5)
+    inside = (before - mu).abs() <= 6 * sd
+    assert torch.equal(w.detach()[inside], before[inside])
+    # in training: logged, and refused when lr * rate >= 1
+    common = _distill_args(encoder_run, 2, "1e-3", 2, 1)
+    out = tmp_path / "wod"
+    train.main([*common, "--weight-outlier-decay", "100", "--out", str(out)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["weight_max_sigma"] > 0 for r in log if "loss" in r)
+    with pytest.raises(SystemExit, match="weight_outlier_decay"):
+        train.main([*common, "--weight-outlier-decay", "1000", "--out", str(tmp_path / "bad")])
