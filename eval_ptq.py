@@ -608,7 +608,7 @@ def _main(args):
             runs.append(run_ptq(model, task, qcfg, seed, args.calib_batches, calib_bs, eval_bs, eval_batches,
                                 device, progress, int8=int8, smoothquant=args.smoothquant, per_token=args.per_token,
                                 retrieval=sets if (wb, ab) in retrieval_bits and seed in retrieval_seeds else None,
-                                pad_id=cfg.pad_id,
+                                pad_id=getattr(cfg, "pad_id", 0),
                                 sqnr_batches=args.sqnr_batches if cfg.head else 0, int8_kernel=args.int8_kernel))
             t_q.append(time.perf_counter() - t0)
         key = f"W{wb}A{ab}"

@@ -90,6 +90,7 @@ loaded from a foreign file reads it in one place.
 """
 
 import argparse
+import copy
 import functools
 import json
 import math
@@ -997,6 +998,28 @@ def _cmd_export(args):
     files = export_hf(model, args.hf_folder, tokenizer, safetensors=args.format == "safetensors", shard_size=shard,
                       dtype=dtype)
     print(f"exported {cfg.arch} (step {ck.get('step')}) to {args.hf_folder}: {', '.join(files)}")
+    print(f"round trip: {round_trip(model, args.hf_folder, dtype)}")
+
+
+@torch.no_grad()
+def round_trip(model, folder, dtype=None) -> str:
+    """Read an exported folder back with the importer and compare: its weights, and one forward pass on random
+    inputs, against the model written (in the stored dtype). One line for the user."""
+    again, _, _ = load_hf_model(folder, max_seq_len=getattr(model.cfg, "max_seq_len", None))
+    ref = model if dtype is None else copy.deepcopy(model).to(dtype).float()
+    a, b = ref.state_dict(), again.state_dict()
+    differ = [k for k in a if k in b and not torch.equal(a[k].float(), b[k].float())]
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    if cfg.arch == "vit":
+        x = (torch.randn(2, cfg.n_channels, cfg.image_size, cfg.image_size, generator=g),)
+    else:
+        x = (torch.randint(0, cfg.vocab_size, (2, min(16, cfg.max_seq_len)), generator=g),)
+    y, y2 = ref.eval().forward_features(*x), again.eval().forward_features(*x)
+    rel = float((y - y2).norm() / y.norm().clamp_min(1e-30))
+    return (f"read back by the importer: {len(differ)} of {len(a)} tensors differ"
+            f"{' (' + ', '.join(differ[:3]) + ')' if differ else ''}; final hidden states on random inputs: relative "
+            f"difference {rel:.1e}")
 
 
 def _shard_mb(s: str) -> float:

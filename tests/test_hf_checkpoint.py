@@ -694,7 +694,7 @@ def test_bpe_text_data_puts_one_eos_between_documents(tmp_path):
 
 # ------------------------------------------------------------------------------------- import -> eval -> export
 @pytest.mark.parametrize("arch", ["bert", "opt", "vit"])
-def test_import_eval_ptq_export_end_to_end(tmp_path, corpus, arch):
+def test_import_eval_ptq_export_end_to_end(tmp_path, corpus, arch, capsys):
     if arch == "bert":
         cfg, sd = bert_hf()
         files = {"vocab.txt": "\n".join(BERT_VOCAB) + "\n",
@@ -724,6 +724,7 @@ def test_import_eval_ptq_export_end_to_end(tmp_path, corpus, arch):
 
     out = tmp_path / "hf-out"
     H.main(["export", str(run), str(out), "--format", "bin"])
+    assert "round trip: read back by the importer: 0 of" in capsys.readouterr().out  # checked as it is written
     original, ocfg, otok = H.load_hf_model(hf, max_seq_len=16 if arch == "bert" else None)
     back, bcfg, btok = H.load_hf_model(out)
     assert bcfg == ocfg
