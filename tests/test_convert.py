@@ -117,16 +117,15 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     plain = tmp_path / "plain.txt"
     plain.write_text("\n".join(x for x in (wiki / "wiki.train.raw").read_text().splitlines() if "=" not in x) + "\n")
     out = tmp_path / "convert"
-    argv = ["--run", str(encoder_run), "--out", str(out), "--runs", "softmax:kure", "gated:kure", "clipped:qat",
+    argv = ["--run", str(encoder_run), "--out", str(out), "--runs", "softmax:qat", "gated:qat",
             "--steps", "4", "--eval-interval", "2", "--batch-size", "4", "--eval-batches", "1",
             "--eval-batch-size", "8", "--calib-batches", "1", "--ptq-seeds", "0", "--lr", "1e-3", "--task-data",
             f"wikitext:{wiki}", "--task-n", "12", "--check-data", str(plain)]
     res = convert_study.main(argv)
-    soft, gated, qat = res["runs"]
+    soft, gated = res["runs"]
     assert [p["step"] for p in gated["points"]] == [4] and [c["step"] for c in gated["curve"]] == [2, 4]
-    assert gated["flags"][-2:] == ["--weight-penalty", "0.1"] and "--qat" in qat["flags"]
-    assert gated["losses"][-1][1] > 1e-9  # started at the teacher (distillation alone: zero); the pressure moves it
-    assert qat["losses"][0][1] > 1e-6  # QAT: the quantized student is off the teacher from the start
+    assert "--qat" in gated["flags"] and "--gate-lr" in gated["flags"]
+    assert gated["losses"][0][1] > 1e-6  # QAT: the quantized student is off the teacher from the start
     for r in res["runs"]:
         f = r["final"]
         assert set(f["pt"]["bits"]) == set(f["pc"]["bits"]) == {"W8A8", "W8A6", "W4A8"}
@@ -139,12 +138,12 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     assert res["original_changes"]["fp_vs_original"]["diff"] == 0
     # the parking heads followed into each model: gates for the gated run, exact zeros possible for clipped
     heads = res["heads"]
-    assert list(heads) == ["original", "softmax:kure", "gated:kure", "clipped:qat"]
+    assert list(heads) == ["original", "softmax:qat", "gated:qat"]
     assert all(len(h) == len(heads["original"]) > 0 for h in heads.values())
-    assert all("gate_mean" in v for v in heads["gated:kure"].values())
-    assert all("gate_mean" not in v for v in heads["softmax:kure"].values())
+    assert all("gate_mean" in v for v in heads["gated:qat"].values())
+    assert all("gate_mean" not in v for v in heads["softmax:qat"].values())
     text = (out / "report.md").read_text()
-    for part in ("| original | - |", "| gated:kure | ", "targets met", "vs original FP", "unseen text",
+    for part in ("| original | - |", "| gated:qat | ", "targets met", "vs original FP", "unseen text",
                  "park on delimiters", "Targets: pt W8A8 cosine >= 0.98"):
         assert part in text, part
     assert (out / "figures" / "curves.json").is_file()
@@ -155,17 +154,19 @@ def test_convert_study_end_to_end(encoder_run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="pressure"):
         convert_study.main(["--run", str(encoder_run), "--runs", "gated:kurt+magic"])
     table = convert_study.main(["seeds", str(out), str(out)])  # the same study twice: std 0
-    assert "| gated:kure | 0 | " in table and "| **gated:kure** | mean +- std |" in table
-    assert "| kure | gated vs softmax |" in table
+    assert "| gated:qat | 0 | " in table and "| **gated:qat** | mean +- std |" in table
+    assert "| qat | gated vs softmax |" in table
     assert (out / "seeds.md").read_text() == table
     with pytest.raises(SystemExit, match="finished study folder"):
         convert_study.main(["seeds", str(tmp_path / "missing")])
     args = type("A", (), {"outlier_penalty": 0.3, "weight_penalty": 0.2, "gate_init": 0.5, "gate_lr": 0.0,
-                          "clip_alpha": 0.5, "qat_recalib": 50})
+                          "clip_alpha": 0.5, "qat_recalib": 50, "weight_outlier_decay": 200.0})
     assert convert_study.train_flags("softmax:kurt", args) == ["--outlier-penalty", "0.3"]
     assert convert_study.train_flags("softmax:kurt+kure", args) == ["--outlier-penalty", "0.3", "--weight-penalty",
                                                                     "0.2"]
     assert convert_study.train_flags("gated:qat", args)[-4:] == ["--qat", "W8A8", "--qat-recalib", "50"]
+    assert convert_study.train_flags("softmax:kurt+wod", args) == ["--outlier-penalty", "0.3", "--weight-outlier-decay",
+                                                                   "200.0"]
 
 
 def test_differentiable_kurtosis_matches_the_metric_and_its_gradient():
