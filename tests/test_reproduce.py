@@ -130,7 +130,8 @@ def test_reproduce_baselines_on_the_same_checkpoints(tmp_path):
         ("gated_linear", m) for m in ("per-tensor", "smoothquant", "per-channel-per-token")]
     assert len({x["fp"] for x in results}) == 1  # the same checkpoint under every method
     assert results[1]["ptq_method"]["smoothquant"] == 0.5
-    assert results[2]["ptq_method"] == {"weights": "per-channel", "activations": "per-token inputs", "smoothquant": None}
+    assert results[2]["ptq_method"] == {"weights": "per-channel", "activations": "per-token inputs", "smoothquant": None,
+                                         "scope": "paper"}
 
 
 def test_reproduce_seeds_writes_every_seed_and_the_mean(tmp_path):
