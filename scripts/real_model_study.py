@@ -405,11 +405,12 @@ def plot_task_panel(c, task: dict) -> None:
     c.set_yticks(y, [r["label"] for r in rows], fontsize=8)
     c.invert_yaxis()
     c.axvline(0, color="k", lw=1)
-    for i, r in enumerate(rows):
-        c.annotate(f"cos {r['cosine']:.3f}", (0, i), fontsize=7, va="center", xytext=(4, 0), textcoords="offset points")
-    c.set_xlabel(f"recall@1 change vs FP ({100 * task['fp']:.1f}%), points; bars: paired 95% interval")
-    c.set_title(f"(c) W8A8 on the task: {task['task']} retrieval among {task['n']} (red: a loss beyond noise; "
-                f"cos: the proxy)", fontsize=10)
+    c.set_xlim(min(-1.0, min(100 * r["lo"] for r in rows) * 1.1), max(1.0, max(100 * r["hi"] for r in rows) * 1.1))
+    for i, r in enumerate(rows):  # the proxy in a column right of the axes, clear of the bars
+        c.annotate(f"cos {r['cosine']:.3f}", (1.01, i), xycoords=("axes fraction", "data"), fontsize=7, va="center")
+    c.set_xlabel(f"recall@1 change vs FP ({100 * task['fp']:.1f}%), points, paired 95% interval")
+    c.set_title(f"(c) W8A8 on the task: {task['task']} retrieval among {task['n']}\n"
+                f"red: a loss beyond noise; cos: the proxy (embedding cosine)", fontsize=10)
 
 
 def plot_headline(d: dict, path: Path) -> None:
