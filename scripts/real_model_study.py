@@ -28,8 +28,7 @@ validation sequence's nearest neighbour among the others stays the same (metrics
 `--eval-batches` x `--eval-batch-size` validation sequences is one "sentence".
 
 Time: 55 minutes with the defaults (3 PTQ seeds) on a 2-core Intel Xeon that other jobs were loading (load
-average 5-7), so less on an idle one (the task, the deployment scope and the unseen text add about half as much
-again); --quick runs W8A8 alone, one PTQ seed, no mixed-precision search, on fewer batches and 1,000 retrieval
+average 5-7), before the task, the deployment scope and the unseen text were added (not timed since); --quick runs W8A8 alone, one PTQ seed, no mixed-precision search, on fewer batches and 1,000 retrieval
 pairs.
 """
 
