@@ -401,7 +401,8 @@ def draw(out: Path, res: dict) -> list[str]:
     ax[3].set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
     ax[3].invert_yaxis()
     ax[3].axvline(0, color="k", lw=1)
-    ax[3].set_xlabel(f"{TASK} retrieval recall@1 vs the original FP, points (95% interval)")
+    ax[3].set_xlabel("recall@1 change vs the original FP, points")
+    ax[3].set_title(f"the task: {TASK} retrieval (paired 95% intervals)", fontsize=9)
     ax[3].legend(fontsize=7)
     a = res["args"]
     fig.suptitle(f"Conversion by distillation of {Path(res['run']).parent.name} on {res['data']}: training seed "
