@@ -13,9 +13,10 @@ Nothing" (NeurIPS 2023):
     not the    QuantConfig(scope="linear_inputs"): the weights and inputs of the linear layers only, what
     paper's    deployment toolchains quantize (ONNX Runtime static MatMul / Gemm, FBGEMM / oneDNN, torchao W8A8)
 
-The file is laid out like torchao: pure functions first (formula in each docstring), then range estimators
-(small modules whose forward records statistics and returns its input unchanged), then the module swapping that
-builds a quantized COPY of any model following two conventions:
+One file on purpose (a self-contained quantizer a reader audits in one place), in three sections read top to
+bottom, laid out like torchao: pure functions first (formula in each docstring), then range estimators (small
+modules whose forward records statistics and returns its input unchanged), then the module swapping that builds
+a quantized COPY of any model following two conventions:
 
   * every activation to quantize that is not the output of an nn.Linear / nn.Embedding / nn.LayerNorm passes
     through an `nn.Identity()` "slot" (and nn.Identity is used for nothing else);
