@@ -589,6 +589,8 @@ def _main(args):
         ranks = ranks or retrieval_eval(model, sets, cfg.pad_id, eval_bs, device)
         fp["retrieval"] = {t: {**sets[t]["pairs"], **retrieval_summary(torch.tensor(r)), "ranks": r}
                            for t, r in ranks.items()}
+        if args.retrieval_fp:  # where the FP ranks came from (not embedded again in this run)
+            fp["retrieval_fp_from"] = os.path.abspath(args.retrieval_fp)
         print("FP32 retrieval on " + args.retrieval + ": " + "; ".join(
             f"{t} recall@1 {100 * v['recall@1']:.1f}%, MRR {v['mrr']:.3f} (N {v['n']})" for t, v in fp["retrieval"].items()))
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": ck.get("step"), "arch": cfg.arch,

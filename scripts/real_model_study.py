@@ -526,6 +526,22 @@ def draw(out: Path, run_dir: Path, results: dict, meta: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def reuse_fp_retrieval(plan: list[tuple[str, str, list[str]]], out: Path) -> list[tuple[str, str, list[str]]]:
+    """Every step embeds the same retrieval texts with the same FP model: the first step of each text (ptq-*, and
+    unseen-*) embeds them, the later steps read its FP ranks (eval_ptq.py --retrieval-fp, which refuses ranks of
+    another checkpoint or other pairs) instead of embedding them again."""
+    first: dict[str, Path] = {}
+    new = []
+    for name, step, flags in plan:
+        group = name.split("-")[0]
+        if "--retrieval" in flags and group in first:
+            flags = [*flags, "--retrieval-fp", str(first[group])]
+        elif "--retrieval" in flags:
+            first[group] = out / name / "ptq.json"
+        new.append((name, step, flags))
+    return new
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/all-MiniLM-L6-v2",
@@ -595,7 +611,8 @@ def study(args, model_dir: Path, out: Path) -> dict:
     common = ["--data", args.data, "--eval-batches", str(args.eval_batches), "--eval-batch-size",
               str(args.eval_batch_size), "--calib-batches", str(args.calib_batches), "--calib-batch-size",
               str(args.calib_batch_size), "--quiet"]
-    task = ["--retrieval-bits", "W8A8", "--retrieval-n", str(args.task_n), "--retrieval-seeds", str(args.task_seeds)]
+    task = ["--retrieval-bits", "W8A8", "--retrieval-n", str(args.task_n), "--retrieval-seeds", str(args.task_seeds),
+            *(["--retrieval-tasks", "halves"] if args.quick else [])]
     plan = [(f"ptq-{step}", step, [*step_flags(step, args.quick), *common, "--seeds", *map(str, args.seeds),
                                    *(["--retrieval", args.task_data, *task] if args.task_data else [])])
             for step in args.steps]
@@ -603,6 +620,7 @@ def study(args, model_dir: Path, out: Path) -> dict:
         plan += [(f"unseen-{step}", step, [*quant_flags(step), "--bits", "W8A8", *common, "--seeds",
                                            str(args.seeds[0]), "--retrieval", args.unseen_data, *task])
                  for step in args.steps if step in UNSEEN_STEPS]
+    plan = reuse_fp_retrieval(plan, out)
     results, unseen = {}, {}
     for name, step, flags in plan:
         folder = out / name

@@ -57,6 +57,14 @@ def test_study_end_to_end_on_a_tokenizer_json_only_checkpoint(tmp_path, tiny_hf,
     assert all(r["seeds"] == 2 for r in task["rows"])
     unseen = rep["task"]["unseen"]
     assert set(unseen["fp"]) == {"halves"} and [r["step"] for r in unseen["rows"]] == ["paper", "linear-inputs"]
+    # the FP texts are embedded once per text: later steps read the first step's FP ranks, which are the same
+    first = json.loads((out / "ptq-paper" / "ptq.json").read_text())["fp"]
+    assert "retrieval_fp_from" not in first
+    for name, src in (("ptq-linear-inputs", "ptq-paper"), ("ptq-per-token", "ptq-paper"),
+                      ("unseen-linear-inputs", "unseen-paper")):
+        fp = json.loads((out / name / "ptq.json").read_text())["fp"]
+        assert fp["retrieval_fp_from"] == str((out / src / "ptq.json").resolve())
+        assert fp["retrieval"] == json.loads((out / src / "ptq.json").read_text())["fp"]["retrieval"]
     assert set(rep["speed"]["speedup"]) == {"fp32", "sim", "qengine", "sim@linear_inputs", "qengine@linear_inputs"}
     assert not (tiny_hf / "vocab.txt").exists() and (out / "run" / "vocab.txt").is_file()
     tok = rep["tokenizer"]
@@ -146,3 +154,15 @@ def test_quick_keeps_how_each_step_quantizes_and_drops_the_slow_parts():
         assert ("--int8" in quick) == ("--int8" in full) and ("--analysis" in quick) == ("--analysis" in full)
     assert S.step_flags("linear-inputs-per-channel", True) == ["--scope", "linear_inputs", "--weight-per-channel",
                                                                "--int8", "--bits", "W8A8"]
+
+
+def test_the_first_step_of_each_text_embeds_it_in_fp_and_the_others_reuse_its_ranks(tmp_path):
+    plan = [("ptq-paper", "paper", ["--retrieval", "a"]), ("ptq-per-channel", "per-channel", ["--retrieval", "a"]),
+            ("unseen-paper", "paper", ["--retrieval", "b"]), ("unseen-per-channel", "per-channel", ["--retrieval", "b"])]
+    new = S.reuse_fp_retrieval(plan, tmp_path)
+    assert [f for _, _, f in new] == [["--retrieval", "a"],
+                                      ["--retrieval", "a", "--retrieval-fp", str(tmp_path / "ptq-paper" / "ptq.json")],
+                                      ["--retrieval", "b"],
+                                      ["--retrieval", "b", "--retrieval-fp", str(tmp_path / "unseen-paper" / "ptq.json")]]
+    assert S.reuse_fp_retrieval([("ptq-paper", "paper", []), ("ptq-x", "x", [])], tmp_path) == \
+        [("ptq-paper", "paper", []), ("ptq-x", "x", [])]  # no task: nothing to reuse
